@@ -1,0 +1,141 @@
+"""A model bundle: one directory holding everything needed to detect.
+
+    architecture.json   backbone, input shape, normalisation, class names
+    decoupled.safetensors  weights of the decoupled (gated) network
+    plain.safetensors   weights of the plain reference network
+    training.json       training configuration and per-epoch history
+    model_card.json     measured figures (accuracy, sparsity, paths, detection)
+    profile.safetensors / profile.json   path profile + threshold (after `fit`)
+    manifest.json       SHA-256 of every file above
+
+Loading verifies the manifest first, so a tampered or truncated bundle is
+refused as a whole instead of being half-loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifacts import (
+    ArtifactError, atomic_save_tensors, atomic_write_json, load_tensors, manifest_digest,
+    read_json, verify_manifest, write_manifest,
+)
+from .models import Architecture, ConvNet
+
+ARCHITECTURE_FILE = "architecture.json"
+DECOUPLED_FILE = "decoupled.safetensors"
+PLAIN_FILE = "plain.safetensors"
+TRAINING_FILE = "training.json"
+CARD_FILE = "model_card.json"
+BUNDLE_FORMAT = 1
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "fmnist-default"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    arch: Architecture
+    classes: tuple[str, ...]
+    decoupled: ConvNet
+    plain: ConvNet
+    training: dict = field(default_factory=dict)
+    card: dict = field(default_factory=dict)
+    digest: str = ""
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
+
+    def has_file(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+
+def _load_weights(model: ConvNet, path: Path) -> ConvNet:
+    state = load_tensors(path)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: weights do not fit the architecture ({exc})") from exc
+    return model.eval()
+
+
+def load_bundle(path: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -> Bundle:
+    """Load a bundle, verifying its manifest unless ``verify`` is False."""
+    path = Path(path)
+    if verify:
+        verify_manifest(path, required=(ARCHITECTURE_FILE, DECOUPLED_FILE, PLAIN_FILE, CARD_FILE))
+    meta = read_json(path / ARCHITECTURE_FILE)
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ArtifactError(f"{path / ARCHITECTURE_FILE}: unsupported bundle format {meta.get('format')!r}")
+    try:
+        arch = Architecture.from_json(meta["architecture"])
+        classes = tuple(meta["classes"])
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path / ARCHITECTURE_FILE}: malformed ({exc})") from exc
+    if len(classes) != arch.num_classes:
+        raise ArtifactError(f"{path / ARCHITECTURE_FILE}: {len(classes)} class names for {arch.num_classes} classes")
+    decoupled = _load_weights(ConvNet(arch, gated=True), path / DECOUPLED_FILE)
+    plain = _load_weights(ConvNet(arch, gated=False), path / PLAIN_FILE)
+    training = read_json(path / TRAINING_FILE) if (path / TRAINING_FILE).is_file() else {}
+    card = read_json(path / CARD_FILE)
+    digest = manifest_digest(path) if (path / "manifest.json").is_file() else ""
+    return Bundle(path, arch, classes, decoupled, plain, training, card, digest)
+
+
+def write_bundle(
+    path: str | os.PathLike,
+    arch: Architecture,
+    classes: tuple[str, ...],
+    decoupled: ConvNet,
+    plain: ConvNet,
+    training: dict,
+    card: dict,
+) -> Path:
+    """Write a complete bundle atomically: it is built in a temporary sibling
+    directory and renamed into place, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        atomic_write_json(staging / ARCHITECTURE_FILE, {
+            "format": BUNDLE_FORMAT, "architecture": arch.to_json(), "classes": list(classes),
+            "gated_widths": decoupled.gated_widths,
+            "path_layout": "gate bits of the gated convolutions, input to output, concatenated",
+        })
+        atomic_save_tensors(staging / DECOUPLED_FILE, decoupled.state_dict())
+        atomic_save_tensors(staging / PLAIN_FILE, plain.state_dict())
+        atomic_write_json(staging / TRAINING_FILE, training)
+        atomic_write_json(staging / CARD_FILE, card)
+        write_manifest(staging)
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def update_bundle_card(path: str | os.PathLike, updates: dict) -> dict:
+    """Merge ``updates`` into the model card and refresh the manifest."""
+    path = Path(path)
+    card = read_json(path / CARD_FILE)
+    card.update(updates)
+    atomic_write_json(path / CARD_FILE, card)
+    write_manifest(path)
+    return card
+
+
+def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -1,0 +1,186 @@
+"""Plain and decoupled VGG-style networks that share one backbone definition.
+
+The decoupled network is the plain one plus an ArchitectureControl per gated
+convolution (every convolution but the first).  Models take pixels in [0, 1]
+and normalise internally, so attacks, the service and training all speak
+the same input space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .gates import ArchitectureControl, binary_gate, training_gate
+
+POOL = "M"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild a network, stored as JSON in a bundle."""
+
+    name: str
+    in_channels: int
+    image_size: int
+    num_classes: int
+    # Output channels of each 3x3 convolution; "M" is a 2x2 max-pool.
+    layers: tuple = ()
+    dropout: float = 0.0
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["layers"] = list(self.layers)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Architecture":
+        fields = dict(data)
+        for key in ("layers", "mean", "std"):
+            fields[key] = tuple(fields[key])
+        return cls(**fields)
+
+    @property
+    def conv_channels(self) -> list[int]:
+        return [c for c in self.layers if c != POOL]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # 28x28 grey images (Fashion-MNIST, MNIST): 5 convolutions, 4 of them gated.
+    "vgg-small": Architecture(
+        name="vgg-small", in_channels=1, image_size=28, num_classes=10,
+        layers=(32, POOL, 64, 64, POOL, 128, 128, POOL), dropout=0.1,
+        mean=(0.2860,), std=(0.3530,),
+    ),
+    # 32x32 colour images (CIFAR-10): VGG-11-like, 7 gated convolutions.
+    "vgg-cifar": Architecture(
+        name="vgg-cifar", in_channels=3, image_size=32, num_classes=10,
+        layers=(64, POOL, 128, POOL, 256, 256, POOL, 512, 512, POOL, 512, 512, POOL),
+        dropout=0.2, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+    ),
+}
+
+
+def architecture_for(name: str, in_channels: int, image_size: int, num_classes: int) -> Architecture:
+    """A named backbone adapted to a dataset's shape and class count."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
+    base = ARCHITECTURES[name]
+    mean = base.mean if len(base.mean) == in_channels else (0.5,) * in_channels
+    std = base.std if len(base.std) == in_channels else (0.5,) * in_channels
+    return Architecture(
+        name=base.name, in_channels=in_channels, image_size=image_size, num_classes=num_classes,
+        layers=base.layers, dropout=base.dropout, mean=mean, std=std,
+    )
+
+
+@dataclass
+class Trace:
+    """What one forward pass reveals about a batch.
+
+    gates[l] and gate_logits[l] are (batch, C_out of gated layer l), in the
+    order of the gated convolutions from input to output.  ``outputs`` holds
+    each gated layer's output *before* gating (o_l of design.md §1), and
+    ``activations`` each convolution's gated output (used by LID); both are
+    filled only when asked for because they are large.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor
+    gate_logits: list[torch.Tensor] = field(default_factory=list)
+    gates: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    activations: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def path(self) -> torch.Tensor:
+        """The calculation path: all gate bits concatenated, (batch, D)."""
+        return torch.cat(self.gates, dim=1)
+
+    @property
+    def path_logits(self) -> torch.Tensor:
+        return torch.cat(self.gate_logits, dim=1)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, gated: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.control = ArchitectureControl(in_channels, out_channels) if gated else None
+
+
+class ConvNet(nn.Module):
+    """VGG-style network; ``gated=True`` makes it the decoupled network."""
+
+    def __init__(self, arch: Architecture, gated: bool) -> None:
+        super().__init__()
+        self.arch = arch
+        self.gated = gated
+        self.gate_noise = 1.0
+        self.register_buffer("mean", torch.tensor(arch.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(arch.std).view(1, -1, 1, 1), persistent=False)
+        blocks, pool_after = [], []
+        channels = arch.in_channels
+        for item in arch.layers:
+            if item == POOL:
+                pool_after[-1] = True
+                continue
+            # The first convolution stays ungated (design.md §1).
+            blocks.append(ConvBlock(channels, item, gated=gated and bool(blocks)))
+            pool_after.append(False)
+            channels = item
+        self.blocks = nn.ModuleList(blocks)
+        self.pool_after = pool_after
+        self.dropout = nn.Dropout(arch.dropout)
+        self.head = nn.Linear(channels, arch.num_classes)
+
+    @property
+    def gated_widths(self) -> list[int]:
+        return [b.conv.out_channels for b in self.blocks if b.control is not None]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.head.in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trace(x).logits
+
+    def trace(self, x: torch.Tensor, keep_outputs: bool = False, keep_activations: bool = False) -> Trace:
+        h = (x - self.mean) / self.std
+        gate_logits, gates, outputs, activations = [], [], [], []
+        for block, pool in zip(self.blocks, self.pool_after):
+            layer_input = h
+            h = torch.relu(block.bn(block.conv(h)))
+            if block.control is not None:
+                z = block.control(layer_input)
+                v = training_gate(z, self.gate_noise) if self.training else binary_gate(z)
+                if keep_outputs:
+                    outputs.append(h)
+                h = h * v[:, :, None, None]
+                gate_logits.append(z)
+                gates.append(v)
+            if keep_activations:
+                activations.append(h)
+            if pool:
+                h = nn.functional.max_pool2d(h, 2)
+        features = h.mean(dim=(2, 3))
+        logits = self.head(self.dropout(features))
+        return Trace(logits, features, gate_logits, gates, outputs, activations)
+
+    def load_plain_weights(self, plain: "ConvNet") -> None:
+        """Initialise the shared backbone from a trained plain network; the
+        ACMs keep their all-on initialisation."""
+        missing, unexpected = self.load_state_dict(plain.state_dict(), strict=False)
+        if unexpected or any(".control." not in k for k in missing):
+            raise ValueError(f"plain weights do not fit: missing={missing} unexpected={unexpected}")
+
+
+def build_model(arch: Architecture, gated: bool) -> ConvNet:
+    return ConvNet(arch, gated)

@@ -1,0 +1,155 @@
+"""Profile, scores, detector API, baselines and metrics (issue: detector)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from detector.artifacts import ArtifactError, atomic_save_tensors, load_tensors
+from detector.baselines import Mahalanobis, max_softmax_score, mle_lid
+from detector.bundle import load_bundle
+from detector.fit import PROFILE_TENSORS, load_detector, save_detector
+from detector.metrics import detection_metrics, tpr_at_fpr
+from detector.models import Architecture, ConvNet
+from detector.paths import PathBatch, extract_paths
+from detector.profile import PathProfile, ProfileMismatch
+from detector.scores import SCORES, PathDetector
+
+WIDTHS = [6, 10]
+D = sum(WIDTHS)
+
+
+def synthetic_paths(n: int, num_classes: int = 3, seed: int = 0, flip: float = 0.05) -> PathBatch:
+    """Each class has its own prototype path; images follow it with a few
+    random flips, and their logits point at the class."""
+    prototypes = (torch.rand(num_classes, D, generator=torch.Generator().manual_seed(1234)) < 0.5).float()
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    flips = (torch.rand(n, D, generator=gen) < flip).float()
+    paths = (prototypes[labels] + flips) % 2
+    gate_logits = (paths * 2 - 1) * 3 + 0.3 * torch.randn(n, D, generator=gen)
+    logits = torch.full((n, num_classes), -2.0)
+    logits[torch.arange(n), labels] = 4.0
+    logits += 0.1 * torch.randn(n, num_classes, generator=gen)
+    return PathBatch(logits, paths, gate_logits, torch.randn(n, 4, generator=gen))
+
+
+def test_metrics_agree_with_sklearn():
+    rng = np.random.default_rng(0)
+    neg, pos = rng.normal(0, 1, 300), rng.normal(1, 1, 200)
+    scores = np.concatenate([neg, pos])
+    labels = np.concatenate([np.zeros(300), np.ones(200)])
+    m = detection_metrics(neg, pos)
+    assert m["auroc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["aupr"] == pytest.approx(average_precision_score(labels, scores))
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert m["tpr_at_5fpr"] == pytest.approx(tpr[fpr <= 0.05].max())
+    # Hand case: perfectly separated scores give TPR 1 at any FPR.
+    assert tpr_at_fpr([0, 1, 2], [5, 6]) == 1.0
+    with pytest.raises(ValueError):
+        detection_metrics([], [1.0])
+    with pytest.raises(ValueError):
+        detection_metrics([np.nan], [1.0])
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_moved_path_scores_higher(score):
+    clean = synthetic_paths(600)
+    det = PathDetector(score=score).fit(clean, WIDTHS, 3).calibrate(synthetic_paths(300, seed=1))
+    probe = synthetic_paths(30, seed=2)
+    moved = PathBatch(probe.logits, 1 - probe.paths, -probe.gate_logits, probe.features)
+    original_scores = det.score_samples(probe)
+    moved_scores = det.score_samples(moved)
+    assert (moved_scores > original_scores).all()
+    assert det.predict(moved).all()
+    # About target_fpr of held-out clean paths are flagged.
+    assert det.predict(synthetic_paths(1000, seed=3)).mean() < 0.15
+
+
+def test_profile_counts_and_frequencies_are_per_predicted_class():
+    batch = synthetic_paths(90, flip=0.0)
+    profile = PathProfile.fit(batch, WIDTHS, 3, smoothing=1.0)
+    assert profile.counts.tolist() == [30.0, 30.0, 30.0]
+    # A gate always on in a class: (30 + 1) / (30 + 2).
+    expected = (batch.paths[:3] * 30 + 1) / 32
+    assert torch.allclose(profile.on_freq, expected)
+    assert torch.equal(profile.class_paths, batch.paths[:3])
+
+
+def test_detector_save_load_round_trip_is_exact(tmp_path):
+    det = PathDetector(score="layer-gauss").fit(synthetic_paths(300), WIDTHS, 3).calibrate(synthetic_paths(100, seed=1))
+    path = tmp_path / "p.safetensors"
+    atomic_save_tensors(path, det.to_tensors())
+    loaded = PathDetector.from_saved(json.loads(json.dumps(det.config())), load_tensors(path))
+    for key, value in det.to_tensors().items():
+        assert torch.equal(value, loaded.to_tensors()[key]), key
+    probe = synthetic_paths(50, seed=5)
+    assert np.array_equal(det.score_samples(probe), loaded.score_samples(probe))
+    assert loaded.threshold == det.threshold
+
+
+def test_invalid_parameters_are_rejected():
+    with pytest.raises(ValueError, match="unknown score"):
+        PathDetector(score="nope")
+    with pytest.raises(ValueError, match="target_fpr"):
+        PathDetector(target_fpr=1.5)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        PathDetector().score_samples(synthetic_paths(3))
+
+
+def tiny_bundle(tmp_path, layers):
+    from detector.bundle import write_bundle
+
+    arch = Architecture("tiny", 1, 28, 10, layers, mean=(0.5,), std=(0.5,))
+    torch.manual_seed(0)
+    dec, plain = ConvNet(arch, True).eval(), ConvNet(arch, False).eval()
+    return write_bundle(tmp_path / "b", arch, tuple(str(i) for i in range(10)), dec, plain, {}, {})
+
+
+def test_profile_of_another_model_is_refused(tmp_path):
+    path = tiny_bundle(tmp_path, (4, "M", 8, 8, "M"))
+    bundle = load_bundle(path)
+    images = torch.rand(40, 1, 28, 28)
+    det = PathDetector().fit(extract_paths(bundle.decoupled, images), bundle.decoupled.gated_widths, 10)
+    det.calibrate(extract_paths(bundle.decoupled, images))
+    save_detector(path, det, {})
+    assert load_detector(load_bundle(path)).threshold == det.threshold
+
+    # A profile fitted for other layer sizes: load must fail and say why.
+    other = PathDetector().fit(synthetic_paths(60), WIDTHS, 10)
+    other.threshold = 1.0
+    save_detector(path, other, {})
+    with pytest.raises(ArtifactError, match="does not match the model.*widths"):
+        load_detector(load_bundle(path))
+
+
+def test_profile_rejects_paths_of_wrong_width():
+    with pytest.raises(ProfileMismatch):
+        PathProfile.fit(synthetic_paths(30), [3, 3], 3)
+
+
+def test_mahalanobis_and_msp_baselines():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 3
+    means = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
+    feats = means[labels] + torch.randn(600, 2, generator=gen)
+    maha = Mahalanobis().fit(feats, labels, 3)
+    assert torch.allclose(maha.means.float(), means, atol=0.25)
+    near, far = maha.score_samples(torch.tensor([[5.0, 0.1]])), maha.score_samples(torch.tensor([[20.0, 20.0]]))
+    assert far[0] > near[0] * 10
+    logits = torch.tensor([[10.0, 0.0], [0.1, 0.0]])
+    s = max_softmax_score(logits)
+    assert s[1] > s[0]  # the unsure prediction is more suspicious
+
+
+def test_lid_estimate_tracks_intrinsic_dimension():
+    gen = torch.Generator().manual_seed(0)
+    line = torch.randn(400, 1, generator=gen) @ torch.randn(1, 20, generator=gen)  # 1-D data in 20-D
+    cloud = torch.randn(400, 20, generator=gen)                                   # 20-D data
+    lid_line = mle_lid(line, line, 20, exclude_self=True).median()
+    lid_cloud = mle_lid(cloud, cloud, 20, exclude_self=True).median()
+    assert lid_line < 2.0 < 8.0 < lid_cloud

@@ -1,0 +1,66 @@
+"""End to end on a small real slice: train -> fit -> evaluate --quick."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from detector.bundle import load_bundle
+from detector.fit import load_detector
+from pathguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def fitted_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "bundle"
+    assert main(["train", "--output", str(out), "--epochs-plain", "1", "--epochs-decoupled", "1",
+                 "--limit-train", "1500", "--limit-test", "200", "--no-progress"]) == 0
+    assert main(["fit", "--bundle", str(out), "--limit-train", "1200", "--n-ablation", "40",
+                 "--no-progress"]) == 0
+    return out
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return all(_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_finite(v) for v in obj)
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    return True
+
+
+def test_fit_writes_profile_threshold_and_ablation(fitted_bundle):
+    bundle = load_bundle(fitted_bundle)  # manifest still verifies after fit
+    detector = load_detector(bundle)
+    assert detector.threshold is not None and math.isfinite(detector.threshold)
+    profile = json.loads((fitted_bundle / "profile.json").read_text())
+    assert profile["ablation"]["chosen"] == detector.score
+    assert set(profile["ablation"]["results"]) == {"bernoulli", "jaccard", "logit-gauss", "layer-gauss",
+                                                   "layer-gauss-conf"}
+    assert bundle.card["detector"]["score"] == detector.score
+
+
+def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
+    out = tmp_path / "report"
+    attacks = ["fgsm", "bim", "pgd", "cw", "deepfool", "fgsm-low", "bim-low", "pgd-low"]
+    assert main(["evaluate", "--bundle", str(fitted_bundle), "--output", str(out), "--quick", "--quick-n", "40",
+                 "--limit-train", "1200", "--no-progress", "--attacks", *attacks]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert _finite(report)
+    assert (out / "report.md").read_text().count("\n|") >= 2 + len(attacks)
+    for key in ("seed", "versions", "config", "samples", "wall_seconds", "timing_seconds"):
+        assert key in report
+    assert report["samples"]["evaluation"] == 40
+    assert set(report["attacks"]) == set(attacks)
+    with_metrics = [a for a, r in report["attacks"].items() if r["detectors"]]
+    assert {"fgsm", "pgd"} <= set(with_metrics)
+    for name in with_metrics:
+        rec = report["attacks"][name]
+        assert set(rec["detectors"]) == {"path", "max-softmax", "mahalanobis", "path-supervised", "lid"}
+        for metrics in rec["detectors"].values():
+            assert 0.0 <= metrics["auroc"] <= 1.0
+        assert (out / f"roc_{name}.png").stat().st_size > 5000
+        assert 0.0 <= rec["path_threshold"]["noise_flag_rate"] <= 1.0

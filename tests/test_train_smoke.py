@@ -1,0 +1,120 @@
+"""Training end to end on a slice of the real Fashion-MNIST, and the
+shipped bundle (bundles/fmnist-default) against its own model card."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from detector.artifacts import read_json, verify_manifest
+from detector.bundle import DEFAULT_BUNDLE, load_bundle
+from detector.paths import extract_paths
+from detector.train import TrainConfig, augment_batch, evaluate_accuracy, train
+
+LIMIT_TRAIN, LIMIT_TEST = 600, 200
+
+
+@pytest.fixture(scope="module")
+def smoke_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "bundle"
+    cfg = TrainConfig(
+        output=str(out), epochs_plain=1, epochs_decoupled=1,
+        limit_train=LIMIT_TRAIN, limit_test=LIMIT_TEST, progress=False, architecture="vgg-small",
+    )
+    threads = torch.get_num_threads()
+    path = train(cfg)
+    torch.set_num_threads(threads)
+    return cfg, path
+
+
+def test_train_writes_verified_bundle(smoke_bundle):
+    cfg, path = smoke_bundle
+    assert path == __import__("pathlib").Path(cfg.output)
+    manifest = verify_manifest(path)
+    assert {"architecture.json", "decoupled.safetensors", "plain.safetensors",
+            "training.json", "model_card.json"} <= set(manifest["files"])
+    bundle = load_bundle(path)
+    assert bundle.arch.name == "vgg-small"
+    assert bundle.input_shape == (1, 28, 28)
+    assert bundle.classes[0] == "T-shirt/top" and len(bundle.classes) == 10
+    assert bundle.decoupled.gated_widths == [64, 64, 128, 128]
+
+
+def test_card_figures(smoke_bundle):
+    _, path = smoke_bundle
+    card = load_bundle(path).card
+    test = card["test"]
+    assert test["images"] == LIMIT_TEST
+    for key in ("decoupled_accuracy", "plain_accuracy"):
+        assert 0.0 <= test[key] <= 1.0
+    assert test["accuracy_gap_points"] == pytest.approx(100 * (test["plain_accuracy"] - test["decoupled_accuracy"]))
+    per_layer = test["active_fraction"]["per_layer"]
+    assert len(per_layer) == 4
+    assert all(0.0 <= f <= 1.0 for f in per_layer)
+    assert 0.0 <= test["active_fraction"]["mean"] <= 1.0
+    assert test["path_bits"] == 64 + 64 + 128 + 128
+    assert 1 <= test["distinct_paths"] <= LIMIT_TEST
+    assert set(test["jaccard"]) == {"within_class", "between_class"}
+    assert card["validation"]["images"] == 60
+    assert card["gated_widths"] == [64, 64, 128, 128]
+    assert card["interrupted"] is None
+
+
+def test_card_accuracy_is_reproducible_from_bundle(smoke_bundle, fmnist_test):
+    _, path = smoke_bundle
+    bundle = load_bundle(path)
+    test = fmnist_test.head(LIMIT_TEST)
+    batch = extract_paths(bundle.decoupled, test.images)
+    accuracy = float((batch.predictions == test.labels).float().mean())
+    assert accuracy == pytest.approx(bundle.card["test"]["decoupled_accuracy"], abs=1 / LIMIT_TEST)
+    assert float(batch.paths.mean()) == pytest.approx(bundle.card["test"]["active_fraction"]["mean"], abs=1e-3)
+    plain = evaluate_accuracy(bundle.plain, test)["accuracy"]
+    assert plain == pytest.approx(bundle.card["test"]["plain_accuracy"], abs=1 / LIMIT_TEST)
+
+
+def test_training_record(smoke_bundle):
+    cfg, path = smoke_bundle
+    training = read_json(path / "training.json")
+    assert training["split"] == {"train": 540, "validation": 60, "test": LIMIT_TEST, "seed": 0}
+    assert training["config"]["limit_train"] == LIMIT_TRAIN
+    for stage in ("plain", "decoupled", "plain_reference"):
+        assert len(training["history"][stage]) == 1
+        assert training["best_epoch"][stage] == 1
+        record = training["history"][stage][0]
+        assert math.isfinite(record["train_ce"]) and 0.0 <= record["val_accuracy"] <= 1.0
+    decoupled = training["history"]["decoupled"][0]
+    for term in ("train_kl", "train_mi", "train_sp", "train_on", "val_active_ratio"):
+        assert math.isfinite(decoupled[term])
+    assert training["versions"]["torch"] == torch.__version__
+
+
+def test_augment_batch_shape_and_range():
+    x = torch.rand(8, 1, 28, 28)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    again = augment_batch(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+# ----------------------------------------------------------------- shipped
+
+
+def test_shipped_bundle_matches_its_card(fmnist_test):
+    """bundles/fmnist-default is part of the project: it must load, verify,
+    and reproduce its card's test accuracy (within 1.5 points on the first
+    1000 test images).  A missing bundle is a failure, not a skip."""
+    assert DEFAULT_BUNDLE.is_dir(), f"{DEFAULT_BUNDLE} is missing: the shipped bundle must be trained and committed"
+    verify_manifest(DEFAULT_BUNDLE)
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    assert bundle.arch.in_channels == 1 and bundle.arch.image_size == 28
+    claimed = bundle.card["test"]["decoupled_accuracy"]
+    head = fmnist_test.head(1000)
+    batch = extract_paths(bundle.decoupled, head.images)
+    measured = float((batch.predictions == head.labels).float().mean())
+    assert abs(100 * (measured - claimed)) <= 1.5, (
+        f"decoupled accuracy on the first 1000 test images is {measured:.4f}, card says {claimed:.4f}"
+    )
+    assert len(bundle.card["test"]["active_fraction"]["per_layer"]) == len(bundle.decoupled.gated_widths)
