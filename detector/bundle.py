@@ -48,6 +48,8 @@ class Bundle:
     training: dict = field(default_factory=dict)
     card: dict = field(default_factory=dict)
     digest: str = ""
+    # Files the verified manifest vouches for; empty when loaded unverified.
+    verified_files: frozenset = frozenset()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -69,8 +71,10 @@ def _load_weights(model: ConvNet, path: Path) -> ConvNet:
 def load_bundle(path: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -> Bundle:
     """Load a bundle, verifying its manifest unless ``verify`` is False."""
     path = Path(path)
+    verified: frozenset = frozenset()
     if verify:
-        verify_manifest(path, required=(ARCHITECTURE_FILE, DECOUPLED_FILE, PLAIN_FILE, CARD_FILE))
+        manifest = verify_manifest(path, required=(ARCHITECTURE_FILE, DECOUPLED_FILE, PLAIN_FILE, CARD_FILE))
+        verified = frozenset(manifest["files"])
     meta = read_json(path / ARCHITECTURE_FILE)
     if meta.get("format") != BUNDLE_FORMAT:
         raise ArtifactError(f"{path / ARCHITECTURE_FILE}: unsupported bundle format {meta.get('format')!r}")
@@ -83,10 +87,11 @@ def load_bundle(path: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -
         raise ArtifactError(f"{path / ARCHITECTURE_FILE}: {len(classes)} class names for {arch.num_classes} classes")
     decoupled = _load_weights(ConvNet(arch, gated=True), path / DECOUPLED_FILE)
     plain = _load_weights(ConvNet(arch, gated=False), path / PLAIN_FILE)
-    training = read_json(path / TRAINING_FILE) if (path / TRAINING_FILE).is_file() else {}
+    has_training = (TRAINING_FILE in verified) if verify else (path / TRAINING_FILE).is_file()
+    training = read_json(path / TRAINING_FILE) if has_training else {}
     card = read_json(path / CARD_FILE)
     digest = manifest_digest(path) if (path / "manifest.json").is_file() else ""
-    return Bundle(path, arch, classes, decoupled, plain, training, card, digest)
+    return Bundle(path, arch, classes, decoupled, plain, training, card, digest, verified)
 
 
 def write_bundle(
@@ -103,6 +108,7 @@ def write_bundle(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    os.chmod(staging, 0o755)  # mkdtemp makes 0700; a bundle is meant to be shared read-only
     try:
         atomic_write_json(staging / ARCHITECTURE_FILE, {
             "format": BUNDLE_FORMAT, "architecture": arch.to_json(), "classes": list(classes),

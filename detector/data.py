@@ -14,7 +14,9 @@ import hashlib
 import os
 import shutil
 import struct
+import zlib
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +114,7 @@ def _open_maybe_gzip(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DatasetError(f"{path}: corrupt or truncated gzip stream ({exc})") from exc
     return raw
 
@@ -198,6 +200,8 @@ def read_cifar_batch(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def load_cifar10(root: str | os.PathLike, split: str) -> ImageSet:
     """CIFAR-10 from the directory holding its binary batches
     (``cifar-10-batches-bin`` of the binary distribution)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = Path(root)
     if (root / "cifar-10-batches-bin").is_dir():
         root = root / "cifar-10-batches-bin"
@@ -228,6 +232,8 @@ def load_image_folder(root: str | os.PathLike, channels: int = 1, size: int | No
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
         raise DatasetError(f"{root}: no class sub-folders")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels}")
     mode = {1: "L", 3: "RGB"}[channels]
     arrays, labels = [], []
     for label, class_dir in enumerate(class_dirs):
@@ -306,13 +312,18 @@ def download_file(url: str, destination: str | os.PathLike, pin: str, timeout: f
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            shutil.copyfileobj(response, out)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError) as exc:
+            raise DatasetError(f"{url}: download failed ({exc})") from exc
         try:
             actual = file_digest(tmp_name, algorithm)
         except DatasetError as exc:
             raise DatasetError(f"{url}: downloaded file is corrupt ({exc}); file rejected") from exc
         if actual != expected:
+            # A stale file under the destination name must not be loaded later either.
+            destination.unlink(missing_ok=True)
             raise DatasetError(f"{url}: {algorithm} mismatch (expected {expected}, got {actual}); file rejected")
         os.replace(tmp_name, destination)
     finally:

@@ -71,6 +71,8 @@ def load_detector(bundle: Bundle) -> PathDetector:
     """The bundle's fitted detector; refuses a profile of another model."""
     if not bundle.has_file(PROFILE_CONFIG):
         raise ArtifactError(f"{bundle.path}: no profile; run `pathguard fit --bundle {bundle.path}` first")
+    if bundle.verified_files and not {PROFILE_CONFIG, PROFILE_TENSORS} <= bundle.verified_files:
+        raise ArtifactError(f"{bundle.path}: profile files are not listed in the manifest; refusing to load them")
     config = read_json(bundle.path / PROFILE_CONFIG)
     if config.get("version") != PROFILE_VERSION:
         raise ArtifactError(f"{bundle.path / PROFILE_CONFIG}: unsupported profile version {config.get('version')!r}")

@@ -40,7 +40,7 @@ def training_gate(
         noisy = z + noise_std * noise
     soft = saturating_sigmoid(noisy)
     hard = (noisy > 0).to(z.dtype)
-    straight_through = hard + soft - soft.detach()
+    straight_through = hard + (soft - soft.detach())  # exactly the hard bit forward
     use_hard = torch.rand(z.shape, generator=generator, device=z.device) < 0.5
     return torch.where(use_hard, straight_through, soft)
 
@@ -51,6 +51,10 @@ class ArchitectureControl(nn.Module):
     Initialised as in the authors' release (first Linear's weights 0, both
     biases 1) so that at the start of fine-tuning every filter is on and the
     decoupled net computes what the plain net it was copied from computes.
+    The second Linear's weights start tiny (std 0.01) rather than at
+    PyTorch's default: with the default, 1 + (row sum of W2) falls below 0
+    for about 4% of filters, which would start switched off.  They cannot
+    start at exactly 0 either: every hidden unit would then stay identical.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -59,6 +63,7 @@ class ArchitectureControl(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden)
         self.fc2 = nn.Linear(hidden, out_channels)
         nn.init.zeros_(self.fc1.weight)
+        nn.init.normal_(self.fc2.weight, std=0.01)
         nn.init.ones_(self.fc1.bias)
         nn.init.ones_(self.fc2.bias)
 

@@ -152,7 +152,11 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trace(x).logits
 
-    def trace(self, x: torch.Tensor, keep_outputs: bool = False, keep_activations: bool = False) -> Trace:
+    def trace(self, x: torch.Tensor, keep_outputs: bool = False, keep_activations: bool = False,
+              soft_temperature: float | None = None) -> Trace:
+        """One forward pass.  ``soft_temperature`` replaces the binary
+        inference gates by sigmoid(z / T): a differentiable surrogate of the
+        path that only the adaptive attack uses."""
         h = (x - self.mean) / self.std
         gate_logits, gates, outputs, activations = [], [], [], []
         for block, pool in zip(self.blocks, self.pool_after):
@@ -160,7 +164,12 @@ class ConvNet(nn.Module):
             h = torch.relu(block.bn(block.conv(h)))
             if block.control is not None:
                 z = block.control(layer_input)
-                v = training_gate(z, self.gate_noise) if self.training else binary_gate(z)
+                if self.training:
+                    v = training_gate(z, self.gate_noise)
+                elif soft_temperature is not None:
+                    v = torch.sigmoid(z / soft_temperature)
+                else:
+                    v = binary_gate(z)
                 if keep_outputs:
                     outputs.append(h)
                 h = h * v[:, :, None, None]

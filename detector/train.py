@@ -264,12 +264,15 @@ def checkpoint_dir(cfg: TrainConfig) -> Path:
     return out.parent / f".{out.name}.checkpoints"
 
 
-def measure_card(decoupled: ConvNet, plain: ConvNet, test: ImageSet, val: ImageSet) -> dict:
+def measure_card(decoupled: ConvNet, plain: ConvNet, test: ImageSet, val: ImageSet | None) -> dict:
     """Side-by-side figures of the two nets on the test split (reported,
     never used for a choice) and on the validation split."""
+    from .acceleration import flop_summary
+
     test_paths = path_summary(decoupled, test.images, test.labels)
     plain_test = evaluate_accuracy(plain, test)["accuracy"]
-    return {
+    flops = flop_summary(decoupled, test.images)
+    card = {
         "test": {
             "images": len(test),
             "decoupled_accuracy": test_paths["accuracy"],
@@ -279,14 +282,18 @@ def measure_card(decoupled: ConvNet, plain: ConvNet, test: ImageSet, val: ImageS
             "distinct_paths": test_paths["distinct_paths"],
             "path_bits": test_paths["path_bits"],
             "jaccard": test_paths["jaccard"],
-        },
-        "validation": {
-            "images": len(val),
-            "decoupled_accuracy": evaluate_accuracy(decoupled, val)["accuracy"],
-            "plain_accuracy": evaluate_accuracy(plain, val)["accuracy"],
+            "first_1000_decoupled_accuracy": evaluate_accuracy(decoupled, test.head(1000))["accuracy"],
+            "flops": flops,
         },
         "gated_widths": decoupled.gated_widths,
     }
+    if val is not None:
+        card["validation"] = {
+            "images": len(val),
+            "decoupled_accuracy": evaluate_accuracy(decoupled, val)["accuracy"],
+            "plain_accuracy": evaluate_accuracy(plain, val)["accuracy"],
+        }
+    return card
 
 
 def versions() -> dict:

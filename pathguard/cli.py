@@ -2,6 +2,11 @@
 
     pathguard train     train plain + decoupled nets, write a bundle
     pathguard info      describe a bundle (verifies its manifest)
+    pathguard fit       path profile + score ablation + threshold into a bundle
+    pathguard attack    adversarial sets (FGSM, BIM, PGD, CW, DeepFool)
+    pathguard evaluate  offline ROC against baselines (--adaptive: adaptive attack)
+    pathguard explain   path interpretation figures
+    pathguard serve     the HTTP service
 
 Each subcommand lives in a small function that parses its own options and
 calls into ``detector``, ``attacks`` or ``service``; this module is the only
@@ -66,6 +71,29 @@ def _configure_train(parser):
     from detector.train import TrainConfig
 
     add_dataclass_options(parser, TrainConfig)
+
+
+# ---------------------------------------------------------------- measure
+
+def _run_measure(args):
+    from detector.bundle import load_bundle, update_bundle_card
+    from detector.data import load_dataset
+    from detector.train import measure_card
+
+    bundle = load_bundle(args.bundle)
+    test = load_dataset(args.dataset, "test", args.data_root)
+    card = measure_card(bundle.decoupled, bundle.plain, test, None)
+    update_bundle_card(bundle.path, {"test": card["test"]})
+    print(json.dumps(card["test"], indent=2))
+
+
+@command("measure", "re-measure a bundle's test figures (accuracy, sparsity, paths, FLOPs) into its card")(_run_measure)
+def _configure_measure(parser):
+    from detector.bundle import DEFAULT_BUNDLE
+
+    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-root", dest="data_root", default=None)
 
 
 # ------------------------------------------------------------------- info
@@ -142,6 +170,14 @@ def _run_evaluate(args):
     from detector.evaluate import EvalConfig, evaluate, markdown_table
 
     cfg = dataclass_from_args(EvalConfig, args)
+    if cfg.adaptive:
+        from detector.evaluate import adaptive_sweep, adaptive_table
+
+        if cfg.quick:
+            cfg.adaptive_n = min(cfg.adaptive_n, args.quick_n)
+        print(adaptive_table(adaptive_sweep(cfg)))
+        print(f"adaptive report written to {cfg.output}")
+        return
     if cfg.quick:
         cfg.n = min(cfg.n, args.quick_n)
         cfg.n_supervised = min(cfg.n_supervised, args.quick_n)
@@ -154,11 +190,44 @@ def _run_evaluate(args):
 def _configure_evaluate(parser):
     from detector.evaluate import ALL_ATTACKS, EvalConfig
 
-    add_dataclass_options(parser, EvalConfig, skip=("attacks", "supervised_attacks"))
+    add_dataclass_options(parser, EvalConfig, skip=("attacks", "supervised_attacks", "adaptive_lambdas", "adaptive_eps"))
+    parser.add_argument("--adaptive-lambdas", dest="adaptive_lambdas", nargs="+", type=float,
+                        default=[0.0, 0.3, 1.0, 3.0, 10.0])
+    parser.add_argument("--adaptive-eps", dest="adaptive_eps", nargs="+", type=float, default=[0.03, 0.1])
     parser.add_argument("--attacks", nargs="+", default=list(ALL_ATTACKS), choices=list(ALL_ATTACKS))
     parser.add_argument("--supervised-attacks", dest="supervised_attacks", nargs="+", default=["fgsm", "pgd"],
                         choices=list(ALL_ATTACKS), help="attacks the supervised detectors are trained on")
     parser.add_argument("--quick-n", type=int, default=100, help="with --quick: images per set (default 100)")
+
+
+# ---------------------------------------------------------------- explain
+
+def _run_explain(args):
+    from detector.explain import run
+
+    run(args)
+
+
+@command("explain", "draw class path maps, class similarity, specific filters and one image's path")(_run_explain)
+def _configure_explain(parser):
+    from detector.explain import configure
+
+    configure(parser)
+
+
+# ------------------------------------------------------------------ serve
+
+def _run_serve(args):
+    from service.cli import run
+
+    return run(args)
+
+
+@command("serve", "run the detection service (FastAPI + uvicorn) on a bundle")(_run_serve)
+def _configure_serve(parser):
+    from service.cli import configure
+
+    configure(parser)
 
 
 # ------------------------------------------------------------------- main
@@ -179,11 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return int(args.run(args) or 0)
     except (ArtifactError, DatasetError) as exc:
         print(f"pathguard {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -153,3 +153,16 @@ def test_lid_estimate_tracks_intrinsic_dimension():
     lid_line = mle_lid(line, line, 20, exclude_self=True).median()
     lid_cloud = mle_lid(cloud, cloud, 20, exclude_self=True).median()
     assert lid_line < 2.0 < 8.0 < lid_cloud
+
+
+def test_profile_missing_from_the_manifest_is_refused(tmp_path):
+    path = tiny_bundle(tmp_path, (4, "M", 8, 8, "M"))
+    bundle = load_bundle(path)
+    images = torch.rand(40, 1, 28, 28)
+    det = PathDetector().fit(extract_paths(bundle.decoupled, images), bundle.decoupled.gated_widths, 10)
+    save_detector(path, det.calibrate(extract_paths(bundle.decoupled, images)), {})
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["profile.json"], manifest["files"]["profile.safetensors"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not listed in the manifest"):
+        load_detector(load_bundle(path))

@@ -1,0 +1,392 @@
+"""Real acceleration from the calculation path: FLOP accounting and a
+batch-1 inference mode that actually skips switched-off filters.
+
+Decoupling (design.md §1) promises that an input only needs the filters on
+its calculation path.  This module measures that promise twice:
+
+* **On paper** -- ``dense_flops`` counts what the network costs when every
+  filter runs; ``executed_flops`` counts, per image, what a gated forward
+  really needs once switched-off filters are skipped.
+* **On the clock** -- ``SparseGatedNet`` runs one image at a time and calls
+  the convolutions with weights sliced to the active output filters (rows)
+  and the active input channels (columns), so the arithmetic really shrinks.
+  Its logits equal the dense gated model's in eval mode to float tolerance
+  and its path is identical.
+
+What is counted
+---------------
+All counts are **multiply-accumulates (MACs)**, one per product-and-add, as
+in most pruning papers (FLOPs in the "2 x MACs" sense are twice these).
+Counted: every 3x3 convolution (H * W * C_out * C_in * 9, stride 1,
+padding 1, so H x W is the layer's input size), both Linear layers of every
+architecture controlling module (C_in * C_in/4 + C_in/4 * C_out) and the
+classification head (C_last * num_classes).  Not counted, because they are
+element-wise and small next to the convolutions: bias additions, BatchNorm
+(folded into the convolution at inference), ReLU, the gate multiplication,
+max-pooling, global average pooling (of the head and of the ACMs) and the
+input normalisation.
+
+Skipping rule (``executed_flops``): a switched-off filter of gated layer l
+saves its own output channel (its share of conv l, BN and ReLU) *and* its
+column of the next convolution, which only needs to read active input
+channels; after the last convolution the head only needs the columns of
+active channels.  ReLU zeros inside an active channel are not exploited.
+The ACMs always run in full (their MLP reads the full-width pooled vector,
+zeros included): they are the price of gating and are added to the executed
+count.  The first convolution is ungated and always runs in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import ConvNet
+
+KERNEL = 9  # 3 x 3 convolutions throughout (models.ConvBlock)
+
+
+# ------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class _Layer:
+    index: int
+    in_channels: int
+    out_channels: int
+    height: int  # spatial size of the layer's input (= its output, padding 1)
+    width: int
+    acm_hidden: int | None  # None for an ungated layer
+    pool: bool
+
+
+def _geometry(model: ConvNet, input_shape=None) -> list[_Layer]:
+    if input_shape is None:
+        input_shape = (model.arch.in_channels, model.arch.image_size, model.arch.image_size)
+    if len(input_shape) == 4:  # tolerate a batch shape
+        input_shape = input_shape[1:]
+    channels, height, width = (int(s) for s in input_shape)
+    if channels != model.blocks[0].conv.in_channels:
+        raise ValueError(f"input has {channels} channels, the model expects {model.blocks[0].conv.in_channels}")
+    layers = []
+    for i, (block, pool) in enumerate(zip(model.blocks, model.pool_after)):
+        hidden = block.control.fc1.out_features if block.control is not None else None
+        layers.append(_Layer(i, block.conv.in_channels, block.conv.out_channels, height, width, hidden, pool))
+        if pool:  # max_pool2d(2) floors odd sizes
+            height, width = height // 2, width // 2
+    return layers
+
+
+def _acm_macs(layer: _Layer) -> int:
+    if layer.acm_hidden is None:
+        return 0
+    return layer.in_channels * layer.acm_hidden + layer.acm_hidden * layer.out_channels
+
+
+# ---------------------------------------------------------- FLOP counts
+
+
+def dense_flops(model: ConvNet, input_shape=None) -> dict:
+    """MACs of one image when every filter runs (see the module docstring for
+    what is counted).
+
+    ``input_shape`` is (C, H, W) (a leading batch dimension is ignored);
+    it defaults to the model's architecture.  Returns::
+
+        {"layers": {"conv0": ..., "acm1": ..., "conv1": ..., ..., "head": ...},
+         "backbone": sum of the convs and the head  (= the plain network),
+         "acm": sum of the ACMs,
+         "total": backbone + acm  (= the dense gated network)}
+
+    ``convI``/``acmI`` are named after the block index I (block 0, the
+    first convolution, has no ACM).  All values are Python ints.
+    """
+    layers: dict[str, int] = {}
+    backbone = acm = 0
+    geometry = _geometry(model, input_shape)
+    for layer in geometry:
+        if layer.acm_hidden is not None:
+            layers[f"acm{layer.index}"] = a = _acm_macs(layer)
+            acm += a
+        layers[f"conv{layer.index}"] = c = (
+            layer.height * layer.width * layer.out_channels * layer.in_channels * KERNEL
+        )
+        backbone += c
+    layers["head"] = h = model.head.in_features * model.head.out_features
+    backbone += h
+    return {"layers": layers, "backbone": backbone, "acm": acm, "total": backbone + acm}
+
+
+@torch.no_grad()
+def executed_gates(model: ConvNet, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """The eval-mode binary gates of each gated layer, (N, C_out) each."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = [model.trace(images[i:i + batch_size]).gates for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
+    if not chunks or not chunks[0]:
+        return []
+    return [torch.cat([c[g] for c in chunks]) for g in range(len(chunks[0]))]
+
+
+def executed_flops_from_gates(model: ConvNet, gates: list[torch.Tensor], input_shape=None,
+                              per_layer: bool = False):
+    """``executed_flops`` for gates already computed (e.g. from a trace)."""
+    geometry = _geometry(model, input_shape)
+    gated = [layer for layer in geometry if layer.acm_hidden is not None]
+    if len(gates) != len(gated):
+        raise ValueError(f"{len(gates)} gate tensors for {len(gated)} gated layers")
+    n = len(gates[0]) if gates else 1
+    counts = iter(g.round().to(torch.int64).sum(dim=1) for g in gates)
+    out: dict[str, torch.Tensor] = {}
+    active_in = torch.full((n,), geometry[0].in_channels, dtype=torch.int64)
+    for layer in geometry:
+        if layer.acm_hidden is not None:
+            out[f"acm{layer.index}"] = torch.full((n,), _acm_macs(layer), dtype=torch.int64)
+            active_out = next(counts)
+        else:
+            active_out = torch.full((n,), layer.out_channels, dtype=torch.int64)
+        out[f"conv{layer.index}"] = layer.height * layer.width * KERNEL * active_in * active_out
+        active_in = active_out
+    out["head"] = active_in * model.head.out_features
+    if per_layer:
+        return out
+    return sum(out.values())
+
+
+def executed_flops(model: ConvNet, images: torch.Tensor, per_layer: bool = False, batch_size: int = 256):
+    """MACs that a gated forward of each image needs when switched-off
+    filters are skipped (rule in the module docstring), ACM cost included.
+
+    Returns an int64 tensor of shape (N,), or with ``per_layer=True`` a dict
+    of such tensors keyed like ``dense_flops(...)["layers"]`` (their sum is
+    the total).  The gates are the eval-mode binary ones, whatever mode the
+    model is in.  A plain (ungated) model executes its dense count.
+    """
+    gates = executed_gates(model, images, batch_size)
+    if not gates and not any(b.control is not None for b in model.blocks):
+        dense = dense_flops(model, images.shape[1:])["layers"]
+        out = {k: torch.full((len(images),), v, dtype=torch.int64) for k, v in dense.items()}
+        return out if per_layer else sum(out.values())
+    return executed_flops_from_gates(model, gates, images.shape[1:], per_layer)
+
+
+def flop_summary(model: ConvNet, images: torch.Tensor) -> dict:
+    """Dense counts, executed statistics and the two ratios worth quoting.
+
+    ``ratio_vs_plain`` = mean executed / dense backbone: the fraction of the
+    plain network's arithmetic that the skipping gated network performs, ACMs
+    included (< 1 means a net saving).  ``ratio_vs_dense_gated`` = mean
+    executed / dense total (dense gated network, ACMs included).
+    """
+    dense = dense_flops(model, images.shape[1:])
+    executed = executed_flops(model, images).to(torch.float64)
+    mean = float(executed.mean())
+    return {
+        "unit": "MAC",
+        "dense_backbone": dense["backbone"],
+        "dense_acm": dense["acm"],
+        "dense_total": dense["total"],
+        "executed_mean": mean,
+        "executed_min": float(executed.min()),
+        "executed_max": float(executed.max()),
+        "ratio_vs_plain": mean / dense["backbone"],
+        "ratio_vs_dense_gated": mean / dense["total"],
+        "images": len(images),
+    }
+
+
+# ------------------------------------------------------- sparse inference
+
+
+@dataclass
+class SparseTrace:
+    """One image through ``SparseGatedNet``.
+
+    ``gates``/``gate_logits`` are full-width (C_out,) vectors per gated
+    layer, like ``Trace``'s rows; ``active`` holds the indices of the filters
+    that ran; ``macs`` counts the MACs actually launched (same rule as
+    ``executed_flops``: convolutions, ACMs, head).
+    """
+
+    logits: torch.Tensor  # (num_classes,)
+    gates: list[torch.Tensor] = field(default_factory=list)
+    gate_logits: list[torch.Tensor] = field(default_factory=list)
+    active: list[torch.Tensor] = field(default_factory=list)
+    macs: int = 0
+
+    @property
+    def path(self) -> torch.Tensor:
+        return torch.cat(self.gates) if self.gates else torch.zeros(0)
+
+
+class SparseGatedNet(nn.Module):
+    """Batch-1 inference that really skips switched-off filters.
+
+    Built once from a ``ConvNet`` (gated or plain; it is not modified):
+    BatchNorm is folded into each convolution (W' = W * g/sqrt(var+eps),
+    b' = beta - mean * g/sqrt(var+eps)) with the eval-mode running
+    statistics, and the weights are copied, so later changes to ``model``
+    are not seen.  Per image and gated layer l it
+
+    1. pools the layer input over space (only the active channels exist;
+       their means are scattered into a zero vector of full width, which is
+       exactly the GAP of the dense, zero-filled input) and runs the ACM MLP
+       to get z_l and the active set {k : z_l[k] > 0};
+    2. runs ``F.conv2d`` with the folded weight sliced to the active output
+       rows and the active input columns, then ReLU (and max-pool);
+    3. at the end averages the active channels and applies the head's
+       columns of active channels only.
+
+    A layer whose filters are all off produces an empty map; the next
+    convolution then sees a zero input and outputs relu(b') everywhere,
+    which is computed without a convolution.  Inputs are pixels in [0, 1]
+    (the model normalises internally; the normalisation is not folded into
+    the first convolution because zero padding would then differ).
+    """
+
+    def __init__(self, model: ConvNet) -> None:
+        super().__init__()
+        self.arch = model.arch
+        self.register_buffer("mean", model.mean.detach().clone())
+        self.register_buffer("std", model.std.detach().clone())
+        self.pool_after = list(model.pool_after)
+        self.gated = [block.control is not None for block in model.blocks]
+        for i, block in enumerate(model.blocks):
+            bn = block.bn
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            self.register_buffer(f"weight{i}", (block.conv.weight.detach() * scale[:, None, None, None]).contiguous())
+            self.register_buffer(f"bias{i}", (bn.bias.detach() - bn.running_mean * scale).contiguous())
+            if block.control is not None:
+                c = block.control
+                for name, t in (("fc1_weight", c.fc1.weight), ("fc1_bias", c.fc1.bias),
+                                ("fc2_weight", c.fc2.weight), ("fc2_bias", c.fc2.bias)):
+                    self.register_buffer(f"acm{i}_{name}", t.detach().clone())
+        self.register_buffer("head_weight", model.head.weight.detach().clone())
+        self.register_buffer("head_bias", model.head.bias.detach().clone())
+        self._collect()
+        self.eval()
+
+    def _collect(self) -> None:
+        """Per-layer tuples of the buffers (rebuilt after ``.to()``)."""
+        self._layers = []
+        for i, (gated, pool) in enumerate(zip(self.gated, self.pool_after)):
+            control = None
+            if gated:
+                control = tuple(getattr(self, f"acm{i}_{n}") for n in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
+            acm_macs = 0 if control is None else control[0].numel() + control[2].numel()
+            self._layers.append((getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), control, pool, acm_macs))
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self._collect()
+        return self
+
+    @torch.no_grad()
+    def trace_one(self, x: torch.Tensor, count: bool = False) -> SparseTrace:
+        """Run one image, (C, H, W) or (1, C, H, W)."""
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[0] != 1:
+            raise ValueError(f"SparseGatedNet runs one image at a time, got shape {tuple(x.shape)}")
+        h = (x - self.mean) / self.std
+        active = None  # indices of h's channels in the full layer width; None = all of them
+        gates, gate_logits, actives = [], [], []
+        macs = 0
+        for w, b, control, pool, acm_macs in self._layers:
+            c_out, c_in = w.shape[0], w.shape[1]
+            height, width = h.shape[2], h.shape[3]
+            if control is not None:
+                w1, b1, w2, b2 = control
+                if active is None:
+                    pooled = h.mean(dim=(2, 3))[0]
+                else:
+                    pooled = h.new_zeros(c_in)
+                    if len(active):
+                        pooled[active] = h.mean(dim=(2, 3))[0]
+                z = F.linear(torch.relu(F.linear(pooled, w1, b1)), w2, b2)
+                on = z > 0
+                out_idx = on.nonzero().squeeze(1)
+                gates.append(on.to(z.dtype))
+                gate_logits.append(z)
+                actives.append(out_idx)
+                if count:
+                    macs += acm_macs
+                if len(out_idx) == c_out:
+                    out_idx = None  # everything on: no slicing needed
+                else:
+                    w, b = w.index_select(0, out_idx), b.index_select(0, out_idx)
+            else:
+                out_idx = None
+            if w.shape[0] == 0:
+                # Every filter off: nothing to compute, an empty map.
+                h = h.new_zeros(1, 0, height, width)
+            elif active is not None and len(active) == 0:
+                # Zero input: the convolution reduces to its folded bias.
+                h = torch.relu(b).view(1, -1, 1, 1).expand(1, len(b), height, width)
+            else:
+                if active is not None:
+                    w = w.index_select(1, active)
+                h = torch.relu(F.conv2d(h, w, b, padding=1))
+                if count:
+                    macs += height * width * w.shape[0] * w.shape[1] * KERNEL
+            if pool:
+                h = F.max_pool2d(h, 2) if h.shape[1] else h.new_zeros(1, 0, height // 2, width // 2)
+            active = out_idx
+        features = h.mean(dim=(2, 3))[0]
+        head_weight = self.head_weight if active is None else self.head_weight.index_select(1, active)
+        logits = F.linear(features, head_weight, self.head_bias)
+        if count:
+            macs += head_weight.shape[0] * head_weight.shape[1]
+        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch, one image at a time: (N, num_classes)."""
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        return torch.stack([self.trace_one(x[i:i + 1]).logits for i in range(len(x))])
+
+    @torch.no_grad()
+    def trace_batch(self, x: torch.Tensor, count: bool = False) -> list[SparseTrace]:
+        return [self.trace_one(x[i:i + 1], count=count) for i in range(len(x))]
+
+
+# ------------------------------------------------ test / benchmark helper
+
+
+@torch.no_grad()
+def randomise_controls(model: ConvNet, seed: int = 0, scale: float = 3.0) -> ConvNet:
+    """Give an untrained model mixed on/off gates (for tests and benchmarks).
+
+    With the authors' initialisation every gate is on, which would never
+    exercise skipping.  This draws every ACM weight from
+    N(0, (scale / sqrt(fan_in))^2), fc1 biases from N(0, 0.1^2) and sets fc2
+    biases to 0, so roughly half of the gates are off, input-dependently.
+    BatchNorm running statistics and affine parameters are randomised too so
+    that folding BN is really exercised.  Modifies ``model`` in place and
+    returns it (in eval mode).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(mean + std * torch.randn(t.shape, generator=g))
+
+    for block in model.blocks:
+        bn = block.bn
+        normal(bn.running_mean, 0.2)
+        bn.running_var.copy_(0.5 + 1.5 * torch.rand(bn.running_var.shape, generator=g))
+        normal(bn.weight, 0.25, 1.0)
+        normal(bn.bias, 0.2)
+        if block.control is not None:
+            c = block.control
+            normal(c.fc1.weight, scale / c.fc1.in_features ** 0.5)
+            normal(c.fc1.bias, 0.1)
+            normal(c.fc2.weight, scale / c.fc2.in_features ** 0.5)
+            c.fc2.bias.zero_()
+    return model.eval()
