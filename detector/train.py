@@ -54,6 +54,11 @@ class TrainConfig:
     lambda_m: float = 0.04
     lambda_s: float = 1.0
     target_ratio: float = 0.5
+    # Std of the Gaussian noise on the gate logits in training (design: 1.0).
+    # "linear" anneals it to 0 over stage 2, so the last steps train the
+    # backbone under the deterministic gates it will run with at inference.
+    gate_noise: float = 1.0
+    noise_schedule: str = "constant"
     # An epoch only counts as "best" if its validation active ratio is at
     # most this, so the kept checkpoint meets the sparsity goal.
     max_active_ratio: float = 0.6
@@ -143,6 +148,10 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
     steps = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, stage.epochs + 1):
         stage.model.train()
+        if cfg.noise_schedule == "linear":
+            stage.model.gate_noise = cfg.gate_noise * (stage.epochs - epoch) / max(stage.epochs - 1, 1)
+        else:
+            stage.model.gate_noise = cfg.gate_noise
         started = time.time()
         sums: dict[str, float] = {}
         seen = correct = 0
@@ -189,6 +198,8 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
 
 def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the bundle; returns the bundle path."""
+    if cfg.noise_schedule not in ("constant", "linear"):
+        raise ValueError(f"noise_schedule must be 'constant' or 'linear', got {cfg.noise_schedule!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -220,6 +231,10 @@ def train(cfg: TrainConfig) -> Path:
             _run_stage(stage1, train_set, val_set, cfg, generator, None)
         plain.load_state_dict(stage1.best_state)
 
+        # Stage 2 starts from a fixed RNG state, so it is the same whether
+        # stage 1 ran just before or its checkpoint was passed as init_plain.
+        seed_everything(cfg.seed + 1)
+        generator.manual_seed(cfg.seed + 1)
         decoupled = ConvNet(arch, gated=True)
         decoupled.load_plain_weights(plain)
         widths = decoupled.gated_widths

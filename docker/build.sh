@@ -21,14 +21,18 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf}
 
 [ -f bundles/fmnist-default/manifest.json ] || { echo "build: bundles/fmnist-default is missing" >&2; exit 1; }
 
-# --- 1. wheelhouse (skipped when pyproject, the package sources and torch pin are unchanged)
-want=$(cat pyproject.toml $(git ls-files detector attacks service pathguard 2>/dev/null || find detector attacks service pathguard -name '*.py') | sha256sum | cut -c1-16)-$(echo "$TORCH_SPEC" | sha256sum | cut -c1-8)
+# --- 1. wheelhouse: dependency wheels are kept while pyproject.toml and the
+#     torch pin are unchanged; the project's own wheel is rebuilt every time.
+want=$(cat pyproject.toml | sha256sum | cut -c1-16)-$(echo "$TORCH_SPEC" | sha256sum | cut -c1-8)
 if [ "$(cat build/wheelhouse/.stamp 2>/dev/null)" != "$want" ]; then
   rm -rf build/wheelhouse && mkdir -p build/wheelhouse
-  echo "build: filling build/wheelhouse"
-  "$PY" -m pip wheel --disable-pip-version-check -q --wheel-dir build/wheelhouse $TORCH_SPEC .
+  echo "build: filling build/wheelhouse" >&2
+  "$PY" -m pip wheel --disable-pip-version-check -q --wheel-dir build/wheelhouse $TORCH_SPEC . >&2
   echo "$want" > build/wheelhouse/.stamp
 fi
+rm -f build/wheelhouse/pathguard-*.whl
+rm -rf build/lib build/bdist* ./*.egg-info
+"$PY" -m pip wheel --disable-pip-version-check -q --no-deps --wheel-dir build/wheelhouse . >&2
 
 # --- 2. base image
 BASE=${PATHGUARD_BASE_IMAGE:-}
@@ -36,7 +40,7 @@ if [ -z "$BASE" ]; then
   if [ "$ENGINE" = podman ]; then
     BASE=localhost/pathguard-base:bookworm
     if ! podman image exists "$BASE"; then
-      echo "build: making $BASE with debootstrap (once per machine)"
+      echo "build: making $BASE with debootstrap (once per machine)" >&2
       root=$(mktemp -d /tmp/pathguard-rootfs.XXXXXX)
       trap 'rm -rf "$root"' EXIT
       debootstrap --variant=minbase bookworm "$root" http://deb.debian.org/debian >/dev/null

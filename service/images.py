@@ -114,6 +114,19 @@ def decode_image(data: bytes, spec: ImageSpec, *, index: int = 0, filename: str 
     size = declared_size(data, sniff_format(data))
     if size is not None:  # PNG, GIF, BMP: check the header before Pillow sees the file
         _check_size(size[0], size[1], spec, fail)
+    if sniff_format(data) == "PNG":
+        # Pillow decodes a PNG cut inside its trailing chunks without a word;
+        # verify() checks the chunk CRCs up to IEND, so a cut file is refused.
+        try:
+            probe = Image.open(io.BytesIO(data), formats=("PNG",))
+        except Exception:  # noqa: BLE001 - reported with the header message below
+            probe = None
+        if probe is not None:
+            with probe:
+                try:
+                    probe.verify()
+                except Exception as exc:  # noqa: BLE001 - a broken PNG is the upload's fault
+                    raise fail(f"truncated or corrupt PNG ({type(exc).__name__}: {exc})") from None
     try:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:

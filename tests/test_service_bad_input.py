@@ -248,6 +248,7 @@ CASES = [
     Case("truncated-png", lambda: one_file(truncated("PNG")), 422, "truncated or corrupt PNG"),
     Case("truncated-jpeg", lambda: one_file(truncated("JPEG"), "x.jpg", "image/jpeg"), 422,
          "truncated or corrupt JPEG"),
+    Case("png-cut-in-trailing-chunks", lambda: one_file(good_png()[:-16]), 422, "truncated or corrupt PNG"),
     Case("truncated-png-header", lambda: one_file(good_png()[:20]), 422, "truncated or corrupt PNG header"),
     Case("zero-size-png", lambda: one_file(png_with_header(0, 28)), 422, "zero-size image"),
     Case("bomb-100000x100000", lambda: one_file(png_with_header(100000, 100000), "bomb.png"), 422,

@@ -1,0 +1,89 @@
+"""The service bench scripts run end to end on the small test bundle, with tiny bounds.
+
+bench/bench_load.py and bench/bench_service.py each start the real service in
+a subprocess on a free loopback port; here they run as the user would run
+them (a subprocess of this interpreter), and their JSON summaries are checked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service_fixtures import build_service_bundle
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH = REPO_ROOT / "bench"
+
+
+@pytest.fixture(scope="session")
+def bench_bundle(tmp_path_factory) -> Path:
+    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+
+
+def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_bench_load_passes_with_tiny_bounds(bench_bundle, tmp_path):
+    out = tmp_path / "load.json"
+    proc = run_script("bench_load.py", "--bundle", str(bench_bundle), "--requests", "200", "--seconds", "30",
+                      "--clients", "16", "--threads", "1", "--images", "64", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["passed"] is True and summary["failures"] == []
+    assert summary["server_errors_5xx"] == 0
+    assert summary["mismatches"] == 0
+    assert summary["lost"] == 0
+    assert summary["wrong_status"] == 0
+    assert summary["requests"] == 200
+    assert 0 < summary["valid_requests"] < 200 and summary["images_checked"] >= summary["valid_requests"]
+    assert summary["rss_growth_mb"] <= summary["max_rss_growth_mb"]
+    assert summary["still_ready"] is True
+    assert summary["requests_per_s"] > 0 and summary["p99_ms"] >= summary["p50_ms"] > 0
+    assert re.search(r"^  5xx:\s+0$", proc.stdout, re.M)
+    assert re.search(r"^  mismatches:\s+0$", proc.stdout, re.M)
+    assert proc.stdout.rstrip().splitlines()[-1] == "PASS"
+
+
+def test_bench_load_exits_non_zero_when_an_invariant_fails(bench_bundle, tmp_path):
+    out = tmp_path / "load.json"
+    # An impossible RSS budget: the run itself is clean, the invariant is not met.
+    proc = run_script("bench_load.py", "--bundle", str(bench_bundle), "--requests", "20", "--seconds", "20",
+                      "--clients", "4", "--threads", "1", "--images", "16", "--warmup", "4",
+                      "--max-rss-growth-mb", "-100000", "--json", str(out))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["passed"] is False
+    assert any("RSS" in failure for failure in summary["failures"])
+    assert summary["server_errors_5xx"] == 0 and summary["mismatches"] == 0
+    assert "FAIL:" in proc.stdout and "server RSS grew" in proc.stdout
+
+
+def test_bench_service_prints_a_ratio_per_setting(bench_bundle, tmp_path):
+    out = tmp_path / "service.json"
+    proc = run_script("bench_service.py", "--bundle", str(bench_bundle), "--clients", "1", "4", "--requests", "20",
+                      "--seconds", "10", "--threads", "1", "--images", "64", "--ceiling-seconds", "0.5",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["ceiling"]["images_per_s"] > 0
+    settings = {(row["batching"], row["clients"]) for row in result["rows"]}
+    assert settings == {("on", 1), ("on", 4), ("off", 1), ("off", 4)}
+    for row in result["rows"]:
+        assert row["errors"] == 0 and row["ok"] == row["requests"] == 20
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0
+        assert row["ratio"] == pytest.approx(row["images_per_s"] / result["ceiling"]["images_per_s"])
+        assert row["p99_ms"] >= row["p50_ms"] > 0
+    # The printed table: one line per setting, ending in its ratio.
+    table = re.findall(r"^\s+(on|off)\s+(\d+)\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+\.\d{3})\s",
+                       proc.stdout, re.M)
+    assert {(mode, int(clients)) for mode, clients, _ in table} == settings
+    assert "ceiling" in proc.stdout and "torch" in proc.stdout
