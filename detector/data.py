@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import sha256_file
+
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 FASHION_MNIST_CLASSES = (
@@ -266,18 +268,10 @@ def load_image_folder(root: str | os.PathLike, channels: int = 1, size: int | No
 
 # ---------------------------------------------------------------- download
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def file_digest(path: str | os.PathLike, algorithm: str) -> str:
     """Digest of a file for a pinned "algorithm:hex" entry."""
     if algorithm == "sha256":
-        return sha256_of(path)
+        return sha256_file(path)
     if algorithm == "sha256-content":
         return hashlib.sha256(_open_maybe_gzip(Path(path))).hexdigest()
     if algorithm == "md5":

@@ -57,6 +57,7 @@ class EvalConfig:
     quick: bool = False
     limit_train: int | None = None  # clean training images for Mahalanobis (default: all)
     progress: bool = True
+    save_attacks: str | None = None  # also write each test attack set here (pathguard attack's format)
     # --adaptive: run only the detector-aware attack sweep (attacks/adaptive.py)
     adaptive: bool = False
     adaptive_n: int = 500
@@ -152,6 +153,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         with timer.section(f"attack {name}"):
             aset = generate_attack_set(model, evalset.images, evalset.labels, name, seed=cfg.seed,
                                        overrides=overrides.get(name), progress=cfg.progress)
+            if cfg.save_attacks:
+                from attacks.generate import save_attack_set
+
+                save_attack_set(aset, Path(cfg.save_attacks) / name)
         with timer.section(f"score {name}"):
             ok = aset.success.numpy()
             record = {

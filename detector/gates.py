@@ -24,7 +24,7 @@ def binary_gate(z: torch.Tensor) -> torch.Tensor:
 
 
 def training_gate(
-    z: torch.Tensor, noise_std: float = 1.0, generator: torch.Generator | None = None
+    z: torch.Tensor, noise_std: float = 1.0, generator: torch.Generator | None = None, hard_prob: float = 0.5
 ) -> torch.Tensor:
     """Noisy improved-semantic-hashing gate used while training.
 
@@ -41,7 +41,7 @@ def training_gate(
     soft = saturating_sigmoid(noisy)
     hard = (noisy > 0).to(z.dtype)
     straight_through = hard + (soft - soft.detach())  # exactly the hard bit forward
-    use_hard = torch.rand(z.shape, generator=generator, device=z.device) < 0.5
+    use_hard = torch.rand(z.shape, generator=generator, device=z.device) < hard_prob
     return torch.where(use_hard, straight_through, soft)
 
 

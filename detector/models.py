@@ -124,6 +124,7 @@ class ConvNet(nn.Module):
         self.arch = arch
         self.gated = gated
         self.gate_noise = 1.0
+        self.gate_hard_prob = 0.5
         self.register_buffer("mean", torch.tensor(arch.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(arch.std).view(1, -1, 1, 1), persistent=False)
         blocks, pool_after = [], []
@@ -165,7 +166,7 @@ class ConvNet(nn.Module):
             if block.control is not None:
                 z = block.control(layer_input)
                 if self.training:
-                    v = training_gate(z, self.gate_noise)
+                    v = training_gate(z, self.gate_noise, hard_prob=self.gate_hard_prob)
                 elif soft_temperature is not None:
                     v = torch.sigmoid(z / soft_temperature)
                 else:

@@ -57,6 +57,8 @@ class TrainConfig:
     # Std of the Gaussian noise on the gate logits in training (design: 1.0).
     # "linear" anneals it to 0 over stage 2, so the last steps train the
     # backbone under the deterministic gates it will run with at inference.
+    # "linear-hard" also raises the share of hard (straight-through) gate
+    # values from 0.5 to 1, so the last epoch sees exactly binary gates.
     gate_noise: float = 1.0
     noise_schedule: str = "constant"
     # An epoch only counts as "best" if its validation active ratio is at
@@ -148,10 +150,10 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
     steps = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, stage.epochs + 1):
         stage.model.train()
-        if cfg.noise_schedule == "linear":
-            stage.model.gate_noise = cfg.gate_noise * (stage.epochs - epoch) / max(stage.epochs - 1, 1)
-        else:
-            stage.model.gate_noise = cfg.gate_noise
+        remaining = (stage.epochs - epoch) / max(stage.epochs - 1, 1)  # 1 -> 0 over the stage
+        annealed = cfg.noise_schedule in ("linear", "linear-hard")
+        stage.model.gate_noise = cfg.gate_noise * (remaining if annealed else 1.0)
+        stage.model.gate_hard_prob = 1.0 - 0.5 * remaining if cfg.noise_schedule == "linear-hard" else 0.5
         started = time.time()
         sums: dict[str, float] = {}
         seen = correct = 0
@@ -198,8 +200,8 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
 
 def train(cfg: TrainConfig) -> Path:
     """Run both stages and write the bundle; returns the bundle path."""
-    if cfg.noise_schedule not in ("constant", "linear"):
-        raise ValueError(f"noise_schedule must be 'constant' or 'linear', got {cfg.noise_schedule!r}")
+    if cfg.noise_schedule not in ("constant", "linear", "linear-hard"):
+        raise ValueError(f"noise_schedule must be 'constant', 'linear' or 'linear-hard', got {cfg.noise_schedule!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

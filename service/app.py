@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from detector.artifacts import MANIFEST, ArtifactError, read_json
+from detector.artifacts import ArtifactError
 from detector.inference import Inspection, Inspector
 
 from .batching import InferenceTimeout, MicroBatcher, Overloaded, ShuttingDown, Unavailable
@@ -436,18 +436,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-PROFILE_FILES = ("profile.json", "profile.safetensors")
-
-
 def _check_provenance(inspector: Inspector, settings: Settings) -> None:
-    """Refuse a detector whose files the manifest does not cover (load_bundle
-    only verifies the files the manifest lists), and a bundle other than the
-    pinned one."""
-    files = read_json(inspector.bundle.path / MANIFEST).get("files", {})
-    unlisted = [name for name in PROFILE_FILES if name not in files]
-    if unlisted:
-        raise ArtifactError(f"{inspector.bundle.path}: {', '.join(unlisted)} not covered by the manifest "
-                            "(unverified detector files; re-run `pathguard fit`)")
+    """Refuse a bundle other than the pinned one.  (Detector files that the
+    manifest does not cover are already refused by detector.fit.load_detector.)"""
     if settings.expected_digest and inspector.bundle.digest != settings.expected_digest:
         raise ArtifactError(f"{inspector.bundle.path}: digest {inspector.bundle.digest} is not the expected "
                             f"{settings.expected_digest}")

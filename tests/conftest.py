@@ -176,3 +176,12 @@ def fmnist_test():
 @pytest.fixture
 def tiny_arch() -> Architecture:
     return Architecture("tiny", 1, 28, 10, (4, "M", 8, 8, "M"), mean=(0.5,), std=(0.5,))
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tmp_path_factory):
+    """One small real bundle with a fitted detector, shared by every service test
+    module (building it takes ~20 s). Tests that damage a bundle copy it first."""
+    from service_fixtures import build_service_bundle
+
+    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))

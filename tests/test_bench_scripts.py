@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from service_fixtures import build_service_bundle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = REPO_ROOT / "bench"
 
 
 @pytest.fixture(scope="session")
-def bench_bundle(tmp_path_factory) -> Path:
-    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+def bench_bundle(service_bundle) -> Path:
+    return service_bundle
 
 
 def run_script(name: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance, response_schema_conformance, status_code_conformance,
 )
 
-from service_fixtures import LiveServer, build_service_bundle, fmnist_images, png_of  # noqa: E402
+from service_fixtures import LiveServer, fmnist_images, png_of  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -44,8 +44,8 @@ CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [("POST", "/d
 
 
 @pytest.fixture(scope="session")
-def fuzz_bundle(tmp_path_factory) -> Path:
-    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+def fuzz_bundle(service_bundle) -> Path:
+    return service_bundle
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service_fixtures import (
-    LiveServer, build_service_bundle, copy_bundle, fmnist_images, offline_inspector, png_of, to_uint8, encode,
+    LiveServer, copy_bundle, fmnist_images, offline_inspector, png_of, to_uint8, encode,
 )
 
 torch.set_num_threads(1)
@@ -38,8 +38,8 @@ TOL = dict(rel=1e-4, abs=1e-5)
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+def bundle(service_bundle) -> Path:
+    return service_bundle
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +401,7 @@ def test_tampered_or_incomplete_bundle_stops_startup(bundle, tmp_path):
     manifest = json.loads((unlisted / "manifest.json").read_text())
     del manifest["files"]["profile.json"]
     (unlisted / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="profile.json not covered by the manifest"):
+    with pytest.raises(BundleError, match="profile files are not listed in the manifest"):
         _start_lifespan(create_app(Settings(bundle=unlisted)))
 
     # A pinned digest: the right one starts, any other bundle does not.

@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from service_fixtures import (
-    LiveServer, build_service_bundle, encode, fmnist_images, offline_inspector, png_of, png_with_header, to_uint8,
+    LiveServer, encode, fmnist_images, offline_inspector, png_of, png_with_header, to_uint8,
 )
 
 torch.set_num_threads(1)
@@ -41,8 +41,8 @@ MAX_UPLOAD = 256 * 1024
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+def bundle(service_bundle):
+    return service_bundle
 
 
 @pytest.fixture(scope="module")
