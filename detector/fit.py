@@ -42,7 +42,9 @@ class FitConfig:
     target_fpr: float = 0.05
     smoothing: float = 1.0
     n_ablation: int = 1000
-    ablation_attacks: tuple = ("fgsm", "pgd")
+    # Strong (FGSM, PGD) and minimal (CW) attacks leave different evidence;
+    # the default score must be chosen on both kinds.
+    ablation_attacks: tuple = ("fgsm", "pgd", "cw")
     seed: int = 0
     limit_train: int | None = None
     progress: bool = True

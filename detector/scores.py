@@ -12,6 +12,13 @@ Scores, all computed from one PathBatch and the clean profile:
                    covariance) over the per-layer path features
   layer-gauss-conf the same over the per-layer path features plus the
                    model's confidence (-log max softmax, logit margin)
+  logit-gauss-conf logit-gauss and -log max softmax, each standardised by
+                   its mean and std on the clean training images, summed
+  logit-gauss-max  the larger of those two standardised scores
+
+The two last ones exist because the evidence is complementary: strong
+attacks (PGD) leave confident predictions on paths far from their class,
+minimal ones (CW) leave paths near the class but unsure predictions.
 
 The default is picked by ``pathguard fit``'s ablation on a validation split
 (never the test split).  The API follows scikit-learn: ``fit`` on clean
@@ -29,7 +36,8 @@ from sklearn.covariance import LedoitWolf
 from .paths import PathBatch
 from .profile import PathProfile, confidence_features
 
-SCORES = ("bernoulli", "jaccard", "logit-gauss", "layer-gauss", "layer-gauss-conf")
+SCORES = ("bernoulli", "jaccard", "logit-gauss", "layer-gauss", "layer-gauss-conf", "logit-gauss-conf",
+          "logit-gauss-max")
 
 
 @dataclass
@@ -64,6 +72,8 @@ class PathDetector:
     profile: PathProfile | None = None
     one_class: dict[str, GaussianOneClass] = field(default_factory=dict)
     threshold: float | None = None
+    # mean and std of (logit-gauss, -log max softmax) on the clean fit data
+    standardise: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -83,8 +93,15 @@ class PathDetector:
             "layer-gauss": GaussianOneClass.fit(feats),
             "layer-gauss-conf": GaussianOneClass.fit(torch.cat([feats, confidence_features(clean.logits)], 1)),
         }
+        parts = self._logit_and_confidence(clean)
+        self.standardise = torch.stack([parts.mean(0), parts.std(0).clamp_min(1e-6)])
         self.threshold = None
         return self
+
+    def _logit_and_confidence(self, batch: PathBatch) -> torch.Tensor:
+        """(N, 2): logit-gauss distance and -log max softmax."""
+        distance = self.profile.logit_distance(batch.gate_logits, batch.predictions)
+        return torch.stack([distance, confidence_features(batch.logits)[:, 0]], 1)
 
     def calibrate(self, held_out_clean: PathBatch) -> "PathDetector":
         """Threshold = the (1 - target_fpr) quantile of held-out clean scores."""
@@ -94,7 +111,8 @@ class PathDetector:
 
     def with_score(self, score: str) -> "PathDetector":
         """The same fitted profile with another score (threshold unset)."""
-        return PathDetector(score, self.target_fpr, self.smoothing, self.profile, self.one_class, None)
+        return PathDetector(score, self.target_fpr, self.smoothing, self.profile, self.one_class, None,
+                            self.standardise)
 
     # ------------------------------------------------------------- score
 
@@ -115,6 +133,9 @@ class PathDetector:
             return 1 - profile.layer_jaccard(batch.paths, pred).mean(1)
         if self.score == "logit-gauss":
             return profile.logit_distance(batch.gate_logits, pred)
+        if self.score in ("logit-gauss-conf", "logit-gauss-max"):
+            z = (self._logit_and_confidence(batch) - self.standardise[0]) / self.standardise[1]
+            return z.sum(1) if self.score == "logit-gauss-conf" else z.max(1).values
         feats = profile.layer_features(batch)
         if self.score == "layer-gauss-conf":
             feats = torch.cat([feats, confidence_features(batch.logits)], 1)
@@ -139,6 +160,8 @@ class PathDetector:
         for name, model in self.one_class.items():
             tensors[f"one_class.{name}.location"] = model.location
             tensors[f"one_class.{name}.precision"] = model.precision
+        if self.standardise is not None:
+            tensors["standardise"] = self.standardise
         return tensors
 
     def config(self) -> dict:
@@ -153,4 +176,4 @@ class PathDetector:
             if key + "location" in tensors:
                 one_class[name] = GaussianOneClass(tensors[key + "location"], tensors[key + "precision"])
         return cls(config["score"], config["target_fpr"], config["smoothing"],
-                   PathProfile.from_tensors(tensors), one_class, config.get("threshold"))
+                   PathProfile.from_tensors(tensors), one_class, config.get("threshold"), tensors.get("standardise"))

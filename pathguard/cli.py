@@ -146,7 +146,7 @@ def _configure_fit(parser):
     from detector.fit import FitConfig
 
     add_dataclass_options(parser, FitConfig, skip=("ablation_attacks",))
-    parser.add_argument("--ablation-attacks", dest="ablation_attacks", nargs="+", default=["fgsm", "pgd"])
+    parser.add_argument("--ablation-attacks", dest="ablation_attacks", nargs="+", default=["fgsm", "pgd", "cw"])
 
 
 # ----------------------------------------------------------------- attack

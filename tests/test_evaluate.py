@@ -9,6 +9,7 @@ import pytest
 
 from detector.bundle import load_bundle
 from detector.fit import load_detector
+from detector.scores import SCORES
 from pathguard.cli import main
 
 
@@ -38,8 +39,7 @@ def test_fit_writes_profile_threshold_and_ablation(fitted_bundle):
     assert detector.threshold is not None and math.isfinite(detector.threshold)
     profile = json.loads((fitted_bundle / "profile.json").read_text())
     assert profile["ablation"]["chosen"] == detector.score
-    assert set(profile["ablation"]["results"]) == {"bernoulli", "jaccard", "logit-gauss", "layer-gauss",
-                                                   "layer-gauss-conf"}
+    assert set(profile["ablation"]["results"]) == set(SCORES)
     assert bundle.card["detector"]["score"] == detector.score
 
 
