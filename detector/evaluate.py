@@ -58,6 +58,7 @@ class EvalConfig:
     limit_train: int | None = None  # clean training images for Mahalanobis (default: all)
     progress: bool = True
     save_attacks: str | None = None  # also write each test attack set here (pathguard attack's format)
+    update_card: bool = True  # copy the headline figures into the bundle's model card (served by /model)
     # --adaptive: run only the detector-aware attack sweep (attacks/adaptive.py)
     adaptive: bool = False
     adaptive_n: int = 500
@@ -214,7 +215,33 @@ def evaluate(cfg: EvalConfig) -> dict:
         "wall_seconds": time.time() - started,
     }
     write_report(Path(cfg.output), report, curves)
+    if cfg.update_card and not cfg.quick:
+        update_card_from_report(bundle.path, report)
     return report
+
+
+def card_summary(report: dict) -> dict:
+    """The headline figures of a report, small enough for the model card."""
+    return {
+        "images": report["clean"]["evaluation_images"],
+        "seed": report["seed"],
+        "detector_score": report["detector"]["score"],
+        "threshold_fpr_on_all_test_images": report["clean"]["threshold_fpr_on_all_test_images"],
+        "attacks": {
+            name: {"success_rate": rec["attack"]["success_rate"],
+                   "auroc": {d: m["auroc"] for d, m in rec.get("detectors", {}).items()},
+                   "flag_rate_at_threshold": rec.get("path_threshold", {}).get("adversarial_flag_rate")}
+            for name, rec in report["attacks"].items()
+        },
+        "supervised_trained_on": report["config"]["supervised_attacks"],
+        "wall_seconds": report["wall_seconds"],
+    }
+
+
+def update_card_from_report(bundle_path: str | Path, report: dict) -> None:
+    from .bundle import update_bundle_card
+
+    update_bundle_card(bundle_path, {"evaluation": card_summary(report)})
 
 
 def markdown_table(report: dict) -> str:

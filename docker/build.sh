@@ -23,11 +23,13 @@ export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf}
 
 # --- 1. wheelhouse: dependency wheels are kept while pyproject.toml and the
 #     torch pin are unchanged; the project's own wheel is rebuilt every time.
-want=$(cat pyproject.toml | sha256sum | cut -c1-16)-$(echo "$TORCH_SPEC" | sha256sum | cut -c1-8)
+want=$(cat pyproject.toml docker/build.sh | sha256sum | cut -c1-16)-$(echo "$TORCH_SPEC" | sha256sum | cut -c1-8)
 if [ "$(cat build/wheelhouse/.stamp 2>/dev/null)" != "$want" ]; then
   rm -rf build/wheelhouse && mkdir -p build/wheelhouse
   echo "build: filling build/wheelhouse" >&2
   "$PY" -m pip wheel --disable-pip-version-check -q --wheel-dir build/wheelhouse $TORCH_SPEC . >&2
+  # torchattacks declares torchvision and an old requests but imports neither.
+  "$PY" -m pip download --disable-pip-version-check -q --no-deps -d build/wheelhouse torchattacks==3.5.1 >&2
   echo "$want" > build/wheelhouse/.stamp
 fi
 rm -f build/wheelhouse/pathguard-*.whl
@@ -55,7 +57,7 @@ fi
 # --- 3. image
 echo "build: $ENGINE build $TAG from $BASE"
 if [ "$ENGINE" = podman ]; then
-  podman build --isolation chroot --pull=never --build-arg BASE_IMAGE="$BASE" -f docker/Dockerfile -t "$TAG" . >&2
+  podman build --format docker --isolation chroot --pull=never --build-arg BASE_IMAGE="$BASE" -f docker/Dockerfile -t "$TAG" . >&2
 else
   docker build --build-arg BASE_IMAGE="$BASE" -f docker/Dockerfile -t "$TAG" . >&2
 fi
