@@ -61,8 +61,8 @@ class EvalConfig:
     update_card: bool = True  # copy the headline figures into the bundle's model card (served by /model)
     # --adaptive: run only the detector-aware attack sweep (attacks/adaptive.py)
     adaptive: bool = False
-    adaptive_n: int = 500
-    adaptive_lambdas: tuple = (0.0, 0.3, 1.0, 3.0, 10.0)
+    adaptive_n: int = 300
+    adaptive_lambdas: tuple = (0.0, 1.0, 3.0, 10.0)
     adaptive_eps: tuple = (0.03, 0.1)
     adaptive_steps: int = 40
     adaptive_temperature: float = 0.1

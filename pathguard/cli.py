@@ -192,7 +192,7 @@ def _configure_evaluate(parser):
 
     add_dataclass_options(parser, EvalConfig, skip=("attacks", "supervised_attacks", "adaptive_lambdas", "adaptive_eps"))
     parser.add_argument("--adaptive-lambdas", dest="adaptive_lambdas", nargs="+", type=float,
-                        default=[0.0, 0.3, 1.0, 3.0, 10.0])
+                        default=[0.0, 1.0, 3.0, 10.0])
     parser.add_argument("--adaptive-eps", dest="adaptive_eps", nargs="+", type=float, default=[0.03, 0.1])
     parser.add_argument("--attacks", nargs="+", default=list(ALL_ATTACKS), choices=list(ALL_ATTACKS))
     parser.add_argument("--supervised-attacks", dest="supervised_attacks", nargs="+", default=["fgsm", "pgd"],

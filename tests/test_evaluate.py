@@ -64,3 +64,16 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
             assert 0.0 <= metrics["auroc"] <= 1.0
         assert (out / f"roc_{name}.png").stat().st_size > 5000
         assert 0.0 <= rec["path_threshold"]["noise_flag_rate"] <= 1.0
+
+
+def test_evaluate_adaptive_quick_reports_each_setting(fitted_bundle, tmp_path):
+    out = tmp_path / "adaptive"
+    assert main(["evaluate", "--adaptive", "--quick", "--quick-n", "20", "--bundle", str(fitted_bundle),
+                 "--output", str(out), "--adaptive-lambdas", "0", "3", "--adaptive-eps", "0.1"]) == 0
+    report = json.loads((out / "adaptive.json").read_text())
+    assert [(r["eps"], r["lambda"]) for r in report["settings"]] == [(0.1, 0.0), (0.1, 3.0)]
+    for row in report["settings"]:
+        assert 0.0 <= row["fooling_rate"] <= 1.0
+        assert 0.0 <= row["undetected_success_rate"] <= row["fooling_rate"]
+    assert set(report["surrogate_fidelity"]) == {"clean", "adversarial (plain PGD)"}
+    assert "| eps | lambda |" in (out / "adaptive.md").read_text()
