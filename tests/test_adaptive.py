@@ -22,6 +22,7 @@ def setup():
     for block in model.blocks:
         if block.control is not None:
             torch.nn.init.normal_(block.control.fc1.weight, std=1.0)
+            block.control.fc2.reset_parameters()  # PyTorch's default init, not the all-on one
             torch.nn.init.normal_(block.control.fc2.bias, std=0.5)
     data = load_dataset("fashion-mnist", "train").head(1400)
     # A quick supervised fit so that predictions (and hence class profiles) mean something.
@@ -63,8 +64,10 @@ def test_surrogate_is_differentiable_and_tracks_the_real_score(setup):
     surrogate_score(detector, model, x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     real = detector.score_samples(extract_paths(model, probe.images))
-    fidelity = surrogate_fidelity(detector, model, probe.images, 0.1, real)
-    assert fidelity["spearman"] > 0.3
+    # The soft score tracks the real one at the attack's temperature, and
+    # converges to it as the temperature goes to 0.
+    assert surrogate_fidelity(detector, model, probe.images, 0.1, real)["pearson"] > 0.5
+    assert surrogate_fidelity(detector, model, probe.images, 0.001, real)["pearson"] > 0.99
 
 
 def test_invalid_settings_are_rejected(setup):
