@@ -88,9 +88,13 @@ class PathProfile:
         return torch.stack(out, dim=1)
 
     def logit_distance(self, gate_logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of gate logits to the class mean."""
-        d = gate_logits - self.logit_mean[classes]
-        return ((d @ self.logit_precision) * d).sum(1)
+        """Squared Mahalanobis distance of gate logits to the class mean.
+
+        Computed in float64: the precision matrix is ill-conditioned, and in
+        float32 the quadratic form loses about 5% of its value to rounding,
+        enough to make one image's score depend on the batch it came in."""
+        d = gate_logits.double() - self.logit_mean.double()[classes]
+        return ((d @ self.logit_precision.double()) * d).sum(1)
 
     def layer_features(self, batch: PathBatch) -> torch.Tensor:
         """(N, 3L) path evidence: per-layer NLL under the top-1 class, and

@@ -54,8 +54,8 @@ class GaussianOneClass:
         return cls(torch.from_numpy(model.location_).float(), torch.from_numpy(model.precision_).float())
 
     def score(self, features: torch.Tensor) -> torch.Tensor:
-        d = features.float() - self.location
-        return ((d @ self.precision) * d).sum(1)
+        d = features.double() - self.location.double()  # float64: see PathProfile.logit_distance
+        return ((d @ self.precision.double()) * d).sum(1)
 
 
 @dataclass
@@ -94,14 +94,14 @@ class PathDetector:
             "layer-gauss-conf": GaussianOneClass.fit(torch.cat([feats, confidence_features(clean.logits)], 1)),
         }
         parts = self._logit_and_confidence(clean)
-        self.standardise = torch.stack([parts.mean(0), parts.std(0).clamp_min(1e-6)])
+        self.standardise = torch.stack([parts.mean(0), parts.std(0).clamp_min(1e-6)]).float()
         self.threshold = None
         return self
 
     def _logit_and_confidence(self, batch: PathBatch) -> torch.Tensor:
         """(N, 2): logit-gauss distance and -log max softmax."""
         distance = self.profile.logit_distance(batch.gate_logits, batch.predictions)
-        return torch.stack([distance, confidence_features(batch.logits)[:, 0]], 1)
+        return torch.stack([distance, confidence_features(batch.logits)[:, 0].double()], 1)
 
     def calibrate(self, held_out_clean: PathBatch) -> "PathDetector":
         """Threshold = the (1 - target_fpr) quantile of held-out clean scores."""
@@ -128,13 +128,13 @@ class PathDetector:
         profile = self._require_fitted()
         pred = batch.predictions
         if self.score == "bernoulli":
-            return profile.layer_nll(batch.paths, pred) @ torch.tensor(profile.widths, dtype=torch.float32)
+            return profile.layer_nll(batch.paths, pred).double() @ torch.tensor(profile.widths, dtype=torch.float64)
         if self.score == "jaccard":
             return 1 - profile.layer_jaccard(batch.paths, pred).mean(1)
         if self.score == "logit-gauss":
             return profile.logit_distance(batch.gate_logits, pred)
         if self.score in ("logit-gauss-conf", "logit-gauss-max"):
-            z = (self._logit_and_confidence(batch) - self.standardise[0]) / self.standardise[1]
+            z = (self._logit_and_confidence(batch) - self.standardise[0].double()) / self.standardise[1].double()
             return z.sum(1) if self.score == "logit-gauss-conf" else z.max(1).values
         feats = profile.layer_features(batch)
         if self.score == "layer-gauss-conf":
