@@ -21,7 +21,7 @@ Invariants (any failing makes the exit status 1):
   ``index`` and ``filename`` map back to the image sent at that position,
   and predicted class, label, adversarial flag, score, confidence, active
   fraction and layer deviations match ``Inspector.inspect`` run offline on
-  the same pixels (relative tolerance ``--rtol``, default 1e-4);
+  the same pixels (relative tolerance ``--rtol``, default 1e-4, absolute 1e-4);
   nothing lost (no transport error, no other status) and nothing mixed up;
 * every invalid request gets its documented 4xx with a JSON ``detail``
   (and, for a per-image error, the ``index`` of the bad image);
@@ -275,7 +275,10 @@ class Tally:
 
 
 def close(a: float, b: float, rtol: float) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-6)
+    # Absolute floor: scores are standardised (threshold ~ 2.7) and a batch's
+    # composition moves them by ~1e-5 in float arithmetic, which is relative
+    # noise without bound for a score near 0.
+    return math.isclose(a, b, rel_tol=rtol, abs_tol=1e-4)
 
 
 def compare(result: dict, expected, rtol: float) -> list[str]:
