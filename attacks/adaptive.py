@@ -25,9 +25,9 @@ import torch.nn.functional as F
 import torchattacks
 from scipy.stats import pearsonr, spearmanr
 
-from detector.models import ConvNet
-from detector.paths import PathBatch
-from detector.scores import PathDetector
+from pathguard.detector.models import ConvNet
+from pathguard.detector.paths import PathBatch
+from pathguard.detector.scores import PathDetector
 
 
 def surrogate_batch(model: ConvNet, images: torch.Tensor, temperature: float) -> PathBatch:

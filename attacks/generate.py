@@ -45,7 +45,7 @@ import torchattacks
 from torch import nn
 from tqdm import tqdm
 
-from detector.artifacts import (
+from pathguard.detector.artifacts import (
     ArtifactError, atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file,
 )
 

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detector.bundle import DEFAULT_BUNDLE  # noqa: E402
-from detector.data import load_dataset  # noqa: E402
-from detector.inference import Inspector  # noqa: E402
-from detector.paths import extract_paths  # noqa: E402
+from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
+from pathguard.detector.data import load_dataset  # noqa: E402
+from pathguard.detector.inference import Inspector  # noqa: E402
+from pathguard.detector.paths import extract_paths  # noqa: E402
 
 
 def main() -> None:

@@ -65,7 +65,7 @@ from bench_service import (  # noqa: E402
     ServerProcess, as_tensor, client_sessions, load_images, machine_info, multipart_body, percentile, png_bytes,
 )
 
-from detector.bundle import DEFAULT_BUNDLE  # noqa: E402
+from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
 
 VALID_SHARE = 0.7
 DEFAULT_MAX_UPLOAD = 256 * 1024  # small, so that an over-limit body is cheap to send
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 8:
         parser.error("--images must be at least 8 (multi-image requests use up to 8 distinct images)")
 
-    from detector.inference import Inspector
+    from pathguard.detector.inference import Inspector
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -50,7 +50,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from detector.bundle import DEFAULT_BUNDLE  # noqa: E402
+from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BOUNDARY = "pathguard-bench-boundary-7d1f0c"
@@ -60,7 +60,7 @@ BOUNDARY = "pathguard-bench-boundary-7d1f0c"
 
 def load_images(dataset: str, n: int, input_shape: tuple[int, int, int]) -> np.ndarray:
     """The first n test images of ``dataset`` as uint8 (n, H, W, C)."""
-    from detector.data import load_dataset
+    from pathguard.detector.data import load_dataset
 
     images = load_dataset(dataset, "test").images[:n]
     if tuple(images.shape[1:]) != tuple(input_shape):
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.seconds <= 0:
         parser.error("--clients, --requests and --seconds must be positive")
 
-    from detector.inference import Inspector
+    from pathguard.detector.inference import Inspector
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -47,11 +47,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from detector.acceleration import SparseGatedNet, flop_summary, randomise_controls  # noqa: E402
-from detector.artifacts import ArtifactError  # noqa: E402
-from detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
-from detector.data import load_dataset  # noqa: E402
-from detector.models import ARCHITECTURES, ConvNet  # noqa: E402
+from pathguard.detector.acceleration import SparseGatedNet, flop_summary, randomise_controls  # noqa: E402
+from pathguard.detector.artifacts import ArtifactError  # noqa: E402
+from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from pathguard.detector.data import load_dataset  # noqa: E402
+from pathguard.detector.models import ARCHITECTURES, ConvNet  # noqa: E402
 
 
 def random_models(seed: int) -> tuple[ConvNet, ConvNet, str]:

@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detector.acceleration import flop_summary  # noqa: E402
-from detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
-from detector.data import load_dataset  # noqa: E402
-from detector.models import ConvNet  # noqa: E402
-from detector.paths import extract_paths  # noqa: E402
-from detector.train import evaluate_accuracy  # noqa: E402
+from pathguard.detector.acceleration import flop_summary  # noqa: E402
+from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
+from pathguard.detector.data import load_dataset  # noqa: E402
+from pathguard.detector.models import ConvNet  # noqa: E402
+from pathguard.detector.paths import extract_paths  # noqa: E402
+from pathguard.detector.train import evaluate_accuracy  # noqa: E402
 
 
 def shifted(model: ConvNet, offset: float) -> ConvNet:

@@ -5,11 +5,14 @@
     plain.safetensors   weights of the plain reference network
     training.json       training configuration and per-epoch history
     model_card.json     measured figures (accuracy, sparsity, paths, detection)
-    profile.safetensors / profile.json   path profile + threshold (after `fit`)
+    profile.safetensors / profile.json   the fitted detector (after `fit`):
+                        its tensors, and its name, parameters, threshold
+                        and fit summary (format: DETECTOR_VERSION)
     manifest.json       SHA-256 of every file above
 
 Loading verifies the manifest first, so a tampered or truncated bundle is
-refused as a whole instead of being half-loaded.
+refused as a whole instead of being half-loaded.  This module is the only
+one that knows these file names (docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -26,14 +29,22 @@ from .artifacts import (
     ArtifactError, atomic_save_tensors, atomic_write_json, load_tensors, manifest_digest,
     read_json, verify_manifest, write_manifest,
 )
+from .base import Detector
 from .models import Architecture, ConvNet
+from .profile import ProfileMismatch
+from .scores import PathScore
 
 ARCHITECTURE_FILE = "architecture.json"
 DECOUPLED_FILE = "decoupled.safetensors"
 PLAIN_FILE = "plain.safetensors"
 TRAINING_FILE = "training.json"
 CARD_FILE = "model_card.json"
+DETECTOR_TENSORS = "profile.safetensors"
+DETECTOR_CONFIG = "profile.json"
 BUNDLE_FORMAT = 1
+# 1: PathDetector of release 0.1 ({"score": name, ...}); 2: any registered
+# Detector ({"detector": name, "params": ..., "threshold": ...}).
+DETECTOR_VERSION = 2
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "fmnist-default"
 
@@ -145,3 +156,55 @@ def update_bundle_card(path: str | os.PathLike, updates: dict) -> dict:
 
 def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------ the detector
+
+def save_detector(bundle_path: str | os.PathLike, detector: Detector, summary: dict | None = None) -> None:
+    """Write a fitted, calibrated detector into the bundle and refresh the
+    manifest.  ``summary`` (JSON) records how it was fitted."""
+    bundle_path = Path(bundle_path)
+    atomic_save_tensors(bundle_path / DETECTOR_TENSORS, detector.state_tensors())
+    atomic_write_json(bundle_path / DETECTOR_CONFIG, {
+        "version": DETECTOR_VERSION, **detector.config(), **(summary or {})})
+    write_manifest(bundle_path)
+
+
+def _upgrade_v1(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A release-0.1 profile (one PathDetector, score by name) as the
+    registered path score it was; the tensors keep their values."""
+    score = config["score"]
+    tensors = dict(tensors)
+    prefix = f"one_class.{score}."
+    for key in ("location", "precision"):
+        if prefix + key in tensors:
+            tensors[f"one_class.{key}"] = tensors[prefix + key]
+    return ({"detector": score, "params": {"target_fpr": config["target_fpr"], "smoothing": config["smoothing"]},
+             "threshold": config.get("threshold")}, tensors)
+
+
+def load_detector(bundle: Bundle) -> PathScore:
+    """The bundle's fitted path detector; refuses files the manifest does
+    not vouch for and a profile fitted on another model."""
+    path = bundle.path
+    if not bundle.has_file(DETECTOR_CONFIG):
+        raise ArtifactError(f"{path}: no profile; run `pathguard fit --bundle {path}` first")
+    if bundle.verified_files and not {DETECTOR_CONFIG, DETECTOR_TENSORS} <= bundle.verified_files:
+        raise ArtifactError(f"{path}: profile files are not listed in the manifest; refusing to load them")
+    config = read_json(path / DETECTOR_CONFIG)
+    tensors = load_tensors(path / DETECTOR_TENSORS)
+    version = config.get("version")
+    if version not in (1, DETECTOR_VERSION):
+        raise ArtifactError(f"{path / DETECTOR_CONFIG}: unsupported profile version {version!r}")
+    try:
+        if version == 1:
+            config, tensors = _upgrade_v1(config, tensors)
+        detector = Detector.from_saved(config, tensors)
+        if not isinstance(detector, PathScore):
+            raise ValueError(f"{detector.name} is not a path score")
+        detector.profile_.check_fits(bundle.decoupled.gated_widths, bundle.arch.num_classes)
+    except (ProfileMismatch, KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: profile does not match the model: {exc}") from exc
+    if detector.threshold_ is None:
+        raise ArtifactError(f"{path}: the detector has no threshold; run `pathguard fit --bundle {path}`")
+    return detector

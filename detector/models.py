@@ -85,10 +85,11 @@ class Trace:
     """What one forward pass reveals about a batch.
 
     gates[l] and gate_logits[l] are (batch, C_out of gated layer l), in the
-    order of the gated convolutions from input to output.  ``outputs`` holds
-    each gated layer's output *before* gating (o_l of design.md §1), and
-    ``activations`` each convolution's gated output (used by LID); both are
-    filled only when asked for because they are large.
+    order of the gated convolutions from input to output.  The rest is
+    filled only when asked for, because it is large: ``outputs`` holds each
+    gated layer's output *before* gating (o_l of the decoupling objective,
+    docs/method.md), ``activations`` every block's gated output and
+    ``block_features`` every block's gated output averaged over space.
     """
 
     logits: torch.Tensor
@@ -97,6 +98,7 @@ class Trace:
     gates: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     activations: list[torch.Tensor] = field(default_factory=list)
+    block_features: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def path(self) -> torch.Tensor:
@@ -106,6 +108,19 @@ class Trace:
     @property
     def path_logits(self) -> torch.Tensor:
         return torch.cat(self.gate_logits, dim=1)
+
+
+@dataclass
+class BlockOutput:
+    """One block's forward: its gated output (pooled when the block pools),
+    and for a gated block the gate logits z, the gate v and the output
+    before gating."""
+
+    output: torch.Tensor
+    gate_logits: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    before_gate: torch.Tensor | None = None
+    activation: torch.Tensor | None = None  # gated output before pooling
 
 
 class ConvBlock(nn.Module):
@@ -133,7 +148,7 @@ class ConvNet(nn.Module):
             if item == POOL:
                 pool_after[-1] = True
                 continue
-            # The first convolution stays ungated (design.md §1).
+            # The first convolution stays ungated (docs/method.md).
             blocks.append(ConvBlock(channels, item, gated=gated and bool(blocks)))
             pool_after.append(False)
             channels = item
@@ -153,36 +168,65 @@ class ConvNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.trace(x).logits
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] to the network's input scale."""
+        return (x - self.mean) / self.std
+
+    def gate(self, z: torch.Tensor, soft_temperature: float | None = None) -> torch.Tensor:
+        """The gate for logits z: noisy straight-through in training mode,
+        sigmoid(z / T) with ``soft_temperature`` (the differentiable
+        surrogate only the adaptive attack uses), else the binary gate."""
+        if self.training:
+            return training_gate(z, self.gate_noise, hard_prob=self.gate_hard_prob)
+        if soft_temperature is not None:
+            return torch.sigmoid(z / soft_temperature)
+        return binary_gate(z)
+
+    def run_block(self, index: int, h: torch.Tensor, soft_temperature: float | None = None) -> BlockOutput:
+        """Block ``index`` on its input ``h`` (the previous block's output,
+        or the normalised image for block 0): conv, BN, ReLU, the gate
+        (after ReLU, as in the paper), then the max-pool if the block has one."""
+        block = self.blocks[index]
+        out = torch.relu(block.bn(block.conv(h)))
+        result = BlockOutput(out)
+        if block.control is not None:
+            z = block.control(h)
+            v = self.gate(z, soft_temperature)
+            result.before_gate, result.gate_logits, result.gate = out, z, v
+            out = out * v[:, :, None, None]
+        result.activation = out
+        result.output = nn.functional.max_pool2d(out, 2) if self.pool_after[index] else out
+        return result
+
+    def block_activations(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Gated output of block ``index`` (before its pool) for images x."""
+        h = self.normalise(x)
+        for i in range(index + 1):
+            step = self.run_block(i, h)
+            h = step.output
+        return step.activation
+
     def trace(self, x: torch.Tensor, keep_outputs: bool = False, keep_activations: bool = False,
-              soft_temperature: float | None = None) -> Trace:
-        """One forward pass.  ``soft_temperature`` replaces the binary
-        inference gates by sigmoid(z / T): a differentiable surrogate of the
-        path that only the adaptive attack uses."""
-        h = (x - self.mean) / self.std
-        gate_logits, gates, outputs, activations = [], [], [], []
-        for block, pool in zip(self.blocks, self.pool_after):
-            layer_input = h
-            h = torch.relu(block.bn(block.conv(h)))
-            if block.control is not None:
-                z = block.control(layer_input)
-                if self.training:
-                    v = training_gate(z, self.gate_noise, hard_prob=self.gate_hard_prob)
-                elif soft_temperature is not None:
-                    v = torch.sigmoid(z / soft_temperature)
-                else:
-                    v = binary_gate(z)
+              soft_temperature: float | None = None, keep_blocks: bool = False) -> Trace:
+        """One forward pass through every block (``run_block``), keeping
+        what is asked for."""
+        h = self.normalise(x)
+        trace = Trace(logits=None, features=None)
+        for index in range(len(self.blocks)):
+            step = self.run_block(index, h, soft_temperature)
+            if step.gate is not None:
+                trace.gate_logits.append(step.gate_logits)
+                trace.gates.append(step.gate)
                 if keep_outputs:
-                    outputs.append(h)
-                h = h * v[:, :, None, None]
-                gate_logits.append(z)
-                gates.append(v)
+                    trace.outputs.append(step.before_gate)
             if keep_activations:
-                activations.append(h)
-            if pool:
-                h = nn.functional.max_pool2d(h, 2)
-        features = h.mean(dim=(2, 3))
-        logits = self.head(self.dropout(features))
-        return Trace(logits, features, gate_logits, gates, outputs, activations)
+                trace.activations.append(step.activation)
+            if keep_blocks:
+                trace.block_features.append(step.activation.mean(dim=(2, 3)))
+            h = step.output
+        trace.features = h.mean(dim=(2, 3))
+        trace.logits = self.head(self.dropout(trace.features))
+        return trace
 
     def load_plain_weights(self, plain: "ConvNet") -> None:
         """Initialise the shared backbone from a trained plain network; the

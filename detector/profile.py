@@ -1,4 +1,4 @@
-"""Path-statistics profile of clean data (design.md §2).
+"""Path-statistics profile of clean data (docs/method.md, "Profiles").
 
 For each class c (the model's *predicted* class) the profile keeps the count
 of clean training images and, per gate, how often it is on (p_c), plus the
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from .paths import PathBatch, split_layers
+from .paths import PathBatch, layer_jaccard, split_layers
 
 PROFILE_VERSION = 1
 
@@ -44,7 +43,10 @@ class PathProfile:
         return (self.on_freq > 0.5).float()
 
     @classmethod
-    def fit(cls, batch: PathBatch, widths: list[int], num_classes: int, smoothing: float = 1.0) -> "PathProfile":
+    def fit(cls, batch: PathBatch, smoothing: float = 1.0) -> "PathProfile":
+        """Per predicted class: image counts, smoothed on-frequencies, gate
+        logit means; one tied, shrunk precision of the gate logits."""
+        widths, num_classes = batch.widths, batch.num_classes
         if batch.paths.shape[1] != sum(widths):
             raise ProfileMismatch(f"paths have {batch.paths.shape[1]} gates, layers sum to {sum(widths)}")
         pred = batch.predictions
@@ -79,13 +81,7 @@ class PathProfile:
 
     def layer_jaccard(self, paths: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Per-layer Jaccard similarity of each path to the class path: (N, L)."""
-        ref = self.class_paths[classes]
-        out = []
-        for v, r in zip(split_layers(paths.float(), self.widths), split_layers(ref, self.widths)):
-            inter = (v * r).sum(1)
-            union = v.sum(1) + r.sum(1) - inter
-            out.append(torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)))
-        return torch.stack(out, dim=1)
+        return layer_jaccard(paths, self.class_paths[classes], self.widths)
 
     def logit_distance(self, gate_logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Squared Mahalanobis distance of gate logits to the class mean.
@@ -132,6 +128,3 @@ def confidence_features(logits: torch.Tensor) -> torch.Tensor:
     top2 = logits.topk(2, dim=1).values
     return torch.stack([-log_probs.max(1).values, -(top2[:, 0] - top2[:, 1])], dim=1)
 
-
-def np_float(t: torch.Tensor) -> np.ndarray:
-    return t.detach().double().cpu().numpy()

@@ -1,6 +1,8 @@
-"""Path scores and the PathDetector (larger score = more suspicious).
+"""Path scores: unsupervised detectors on calculation paths.
 
-Scores, all computed from one PathBatch and the clean profile:
+Each score is a small registered ``Detector`` (base.py); all fit a
+``PathProfile`` on clean paths, grouped by the model's predicted class
+(docs/method.md, "Scores"):
 
   bernoulli        sum over gates of the Bernoulli NLL of the path under
                    p_(predicted class)
@@ -13,40 +15,33 @@ Scores, all computed from one PathBatch and the clean profile:
   layer-gauss-conf the same over the per-layer path features plus the
                    model's confidence (-log max softmax, logit margin)
   logit-gauss-conf logit-gauss and -log max softmax, each standardised by
-                   its mean and std on the clean training images, summed
+                   its mean and std on the clean fit data, summed
   logit-gauss-max  the larger of those two standardised scores
 
 The two last ones exist because the evidence is complementary: strong
 attacks (PGD) leave confident predictions on paths far from their class,
 minimal ones (CW) leave paths near the class but unsure predictions.
-
-The default is picked by ``pathguard fit``'s ablation on a validation split
-(never the test split).  The API follows scikit-learn: ``fit`` on clean
-paths, ``score_samples``, ``predict`` against the stored threshold.
+``pathguard fit`` picks the bundle's score by an ablation on a validation
+split, never on the test split.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from .base import DETECTORS, Detector, register
 from .paths import PathBatch
 from .profile import PathProfile, confidence_features
 
-SCORES = ("bernoulli", "jaccard", "logit-gauss", "layer-gauss", "layer-gauss-conf", "logit-gauss-conf",
-          "logit-gauss-max")
 
-
-@dataclass
 class GaussianOneClass:
     """One-class model: squared Mahalanobis distance to the clean mean under
-    a shrunk covariance.  Kept as two tensors so it saves without pickle."""
+    a Ledoit-Wolf shrunk covariance, kept as two tensors (no pickle)."""
 
-    location: torch.Tensor
-    precision: torch.Tensor
+    def __init__(self, location: torch.Tensor, precision: torch.Tensor) -> None:
+        self.location, self.precision = location, precision
 
     @classmethod
     def fit(cls, features: torch.Tensor) -> "GaussianOneClass":
@@ -58,122 +53,132 @@ class GaussianOneClass:
         return ((d @ self.precision.double()) * d).sum(1)
 
 
-@dataclass
-class PathDetector:
-    """Unsupervised detector on calculation paths.
+class PathScore(Detector):
+    """A score read off the path profile of the predicted class.  Fitted
+    state: ``profile_`` (and what a subclass adds)."""
 
-    Parameters are validated on construction; everything learnt lives in
-    ``profile``, ``one_class`` and ``threshold`` (set by fit/calibrate).
-    """
+    def __init__(self, target_fpr: float = 0.05, smoothing: float = 1.0) -> None:
+        super().__init__(target_fpr)
+        self.smoothing = smoothing
 
-    score: str = "layer-gauss-conf"
-    target_fpr: float = 0.05
-    smoothing: float = 1.0
-    profile: PathProfile | None = None
-    one_class: dict[str, GaussianOneClass] = field(default_factory=dict)
-    threshold: float | None = None
-    # mean and std of (logit-gauss, -log max softmax) on the clean fit data
-    standardise: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; choose one of {SCORES}")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+    def _validate_params(self) -> None:
+        super()._validate_params()
         if self.smoothing <= 0:
             raise ValueError(f"smoothing must be > 0, got {self.smoothing}")
 
-    # --------------------------------------------------------------- fit
-
-    def fit(self, clean: PathBatch, widths: list[int], num_classes: int) -> "PathDetector":
-        """Fit the profile and every one-class model on clean paths."""
-        self.profile = PathProfile.fit(clean, widths, num_classes, self.smoothing)
-        feats = self.profile.layer_features(clean)
-        self.one_class = {
-            "layer-gauss": GaussianOneClass.fit(feats),
-            "layer-gauss-conf": GaussianOneClass.fit(torch.cat([feats, confidence_features(clean.logits)], 1)),
-        }
-        parts = self._logit_and_confidence(clean)
-        self.standardise = torch.stack([parts.mean(0), parts.std(0).clamp_min(1e-6)]).float()
-        self.threshold = None
-        return self
-
-    def _logit_and_confidence(self, batch: PathBatch) -> torch.Tensor:
-        """(N, 2): logit-gauss distance and -log max softmax."""
-        distance = self.profile.logit_distance(batch.gate_logits, batch.predictions)
-        return torch.stack([distance, confidence_features(batch.logits)[:, 0].double()], 1)
-
-    def calibrate(self, held_out_clean: PathBatch) -> "PathDetector":
-        """Threshold = the (1 - target_fpr) quantile of held-out clean scores."""
-        scores = self.score_samples(held_out_clean)
-        self.threshold = float(np.quantile(scores, 1.0 - self.target_fpr, method="higher"))
-        return self
-
-    def with_score(self, score: str) -> "PathDetector":
-        """The same fitted profile with another score (threshold unset)."""
-        return PathDetector(score, self.target_fpr, self.smoothing, self.profile, self.one_class, None,
-                            self.standardise)
-
-    # ------------------------------------------------------------- score
-
-    def _require_fitted(self) -> PathProfile:
-        if self.profile is None:
-            raise RuntimeError("PathDetector is not fitted: call fit() or load a fitted profile")
-        return self.profile
-
-    def score_samples(self, batch: PathBatch) -> np.ndarray:
-        return self.score_tensor(batch).double().numpy()
-
-    def score_tensor(self, batch: PathBatch) -> torch.Tensor:
-        profile = self._require_fitted()
-        pred = batch.predictions
-        if self.score == "bernoulli":
-            return profile.layer_nll(batch.paths, pred).double() @ torch.tensor(profile.widths, dtype=torch.float64)
-        if self.score == "jaccard":
-            return 1 - profile.layer_jaccard(batch.paths, pred).mean(1)
-        if self.score == "logit-gauss":
-            return profile.logit_distance(batch.gate_logits, pred)
-        if self.score in ("logit-gauss-conf", "logit-gauss-max"):
-            z = (self._logit_and_confidence(batch) - self.standardise[0].double()) / self.standardise[1].double()
-            return z.sum(1) if self.score == "logit-gauss-conf" else z.max(1).values
-        feats = profile.layer_features(batch)
-        if self.score == "layer-gauss-conf":
-            feats = torch.cat([feats, confidence_features(batch.logits)], 1)
-        return self.one_class[self.score].score(feats)
-
-    def predict(self, batch: PathBatch) -> np.ndarray:
-        """True where the score exceeds the stored threshold (flagged)."""
-        if self.threshold is None:
-            raise RuntimeError("no threshold: call calibrate() first")
-        return self.score_samples(batch) > self.threshold
+    def _fit(self, clean: PathBatch, adversarial: PathBatch | None) -> None:
+        self.profile_ = PathProfile.fit(clean, self.smoothing)
 
     def layer_deviations(self, batch: PathBatch) -> np.ndarray:
         """(N, L): 1 - Jaccard similarity of each layer's path to the
         predicted class path; 0 = the layer follows its class exactly."""
-        profile = self._require_fitted()
-        return (1 - profile.layer_jaccard(batch.paths, batch.predictions)).double().numpy()
+        self._require_fitted()
+        return (1 - self.profile_.layer_jaccard(batch.paths, batch.predictions)).double().numpy()
 
-    # ----------------------------------------------------------- storage
+    def _state(self) -> dict[str, torch.Tensor]:
+        return self.profile_.to_tensors()
 
-    def to_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = self._require_fitted().to_tensors()
-        for name, model in self.one_class.items():
-            tensors[f"one_class.{name}.location"] = model.location
-            tensors[f"one_class.{name}.precision"] = model.precision
-        if self.standardise is not None:
-            tensors["standardise"] = self.standardise
-        return tensors
+    def _load_state(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        self.profile_ = PathProfile.from_tensors(tensors)
 
-    def config(self) -> dict:
-        return {"score": self.score, "target_fpr": self.target_fpr, "smoothing": self.smoothing,
-                "threshold": self.threshold}
 
-    @classmethod
-    def from_saved(cls, config: dict, tensors: dict[str, torch.Tensor]) -> "PathDetector":
-        one_class = {}
-        for name in ("layer-gauss", "layer-gauss-conf"):
-            key = f"one_class.{name}."
-            if key + "location" in tensors:
-                one_class[name] = GaussianOneClass(tensors[key + "location"], tensors[key + "precision"])
-        return cls(config["score"], config["target_fpr"], config["smoothing"],
-                   PathProfile.from_tensors(tensors), one_class, config.get("threshold"), tensors.get("standardise"))
+@register
+class BernoulliScore(PathScore):
+    name = "bernoulli"
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        profile = self.profile_
+        nll = profile.layer_nll(batch.paths, batch.predictions).double()
+        return nll @ torch.tensor(profile.widths, dtype=torch.float64)
+
+
+@register
+class JaccardScore(PathScore):
+    name = "jaccard"
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return 1 - self.profile_.layer_jaccard(batch.paths, batch.predictions).mean(1)
+
+
+@register
+class LogitGaussScore(PathScore):
+    name = "logit-gauss"
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return self.profile_.logit_distance(batch.gate_logits, batch.predictions)
+
+
+@register
+class LayerGaussScore(PathScore):
+    """One-class Gaussian over per-layer path evidence (profile.layer_features)."""
+
+    name = "layer-gauss"
+    with_confidence = False
+
+    def _features(self, batch: PathBatch) -> torch.Tensor:
+        feats = self.profile_.layer_features(batch)
+        return torch.cat([feats, confidence_features(batch.logits)], 1) if self.with_confidence else feats
+
+    def _fit(self, clean: PathBatch, adversarial: PathBatch | None) -> None:
+        super()._fit(clean, adversarial)
+        self.one_class_ = GaussianOneClass.fit(self._features(clean))
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return self.one_class_.score(self._features(batch))
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {**super()._state(), "one_class.location": self.one_class_.location,
+                "one_class.precision": self.one_class_.precision}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        super()._load_state(tensors, extra)
+        self.one_class_ = GaussianOneClass(tensors["one_class.location"], tensors["one_class.precision"])
+
+
+@register
+class LayerGaussConfScore(LayerGaussScore):
+    name = "layer-gauss-conf"
+    with_confidence = True
+
+
+@register
+class LogitGaussConfScore(PathScore):
+    """Standardised logit-gauss distance and -log max softmax, summed."""
+
+    name = "logit-gauss-conf"
+
+    def _parts(self, batch: PathBatch) -> torch.Tensor:
+        """(N, 2): logit-gauss distance and -log max softmax."""
+        distance = self.profile_.logit_distance(batch.gate_logits, batch.predictions)
+        return torch.stack([distance, confidence_features(batch.logits)[:, 0].double()], 1)
+
+    def _fit(self, clean: PathBatch, adversarial: PathBatch | None) -> None:
+        super()._fit(clean, adversarial)
+        parts = self._parts(clean)
+        # mean and std of both parts on the clean fit data
+        self.standardise_ = torch.stack([parts.mean(0), parts.std(0).clamp_min(1e-6)]).float()
+
+    def _standardised(self, batch: PathBatch) -> torch.Tensor:
+        return (self._parts(batch) - self.standardise_[0].double()) / self.standardise_[1].double()
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return self._standardised(batch).sum(1)
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {**super()._state(), "standardise": self.standardise_}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        super()._load_state(tensors, extra)
+        self.standardise_ = tensors["standardise"]
+
+
+@register
+class LogitGaussMaxScore(LogitGaussConfScore):
+    name = "logit-gauss-max"
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return self._standardised(batch).max(1).values
+
+
+# Every registered path score, in registration order (the ablation's candidates).
+PATH_SCORES = tuple(name for name, cls in DETECTORS.items() if issubclass(cls, PathScore))

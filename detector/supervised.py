@@ -15,8 +15,10 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from .base import Detector, register
 from .paths import PathBatch
 from .profile import PathProfile, confidence_features
+from .scores import PathScore
 
 
 def supervised_features(profile: PathProfile, batch: PathBatch) -> np.ndarray:
@@ -57,22 +59,46 @@ class LinearScorer:
                    tensors[f"{prefix}.coef"].numpy(), float(tensors[f"{prefix}.intercept"][0]))
 
 
-@dataclass
-class SupervisedPathDetector:
-    profile: PathProfile
-    C: float = 1.0
-    seed: int = 0
-    scorer: LinearScorer | None = None
-    trained_on: tuple[str, ...] = ()
+@register
+class SupervisedPathDetector(Detector):
+    """Logistic regression on path evidence, clean (0) against adversarial
+    (1) examples.  The path profile comes from ``profile_from`` (a fitted
+    path score, e.g. the bundle's, whose profile saw all clean training
+    images) or, without one, is fitted on the clean rows given to ``fit``."""
 
-    def fit(self, clean: PathBatch, adversarial: PathBatch, attacks: tuple[str, ...] = ()) -> "SupervisedPathDetector":
-        x = np.concatenate([supervised_features(self.profile, clean), supervised_features(self.profile, adversarial)])
-        y = np.concatenate([np.zeros(len(clean.paths)), np.ones(len(adversarial.paths))])
-        self.scorer = LinearScorer.fit(x, y, self.C, self.seed)
-        self.trained_on = tuple(attacks)
-        return self
+    name = "path-supervised"
+    supervised = True
 
-    def score_samples(self, batch: PathBatch) -> np.ndarray:
-        if self.scorer is None:
-            raise RuntimeError("SupervisedPathDetector is not fitted")
-        return self.scorer.decision(supervised_features(self.profile, batch))
+    def __init__(self, target_fpr: float = 0.05, C: float = 1.0, seed: int = 0, smoothing: float = 1.0,
+                 profile_from: PathScore | None = None) -> None:
+        super().__init__(target_fpr)
+        self.C, self.seed, self.smoothing, self.profile_from = C, seed, smoothing, profile_from
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params.pop("profile_from")  # its profile is saved as fitted state
+        return params
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if self.C <= 0 or self.smoothing <= 0:
+            raise ValueError(f"C and smoothing must be > 0, got {self.C}, {self.smoothing}")
+        if self.profile_from is not None and not self.profile_from.is_fitted:
+            raise ValueError("profile_from must be a fitted path score")
+
+    def _fit(self, clean: PathBatch, adversarial: PathBatch | None) -> None:
+        self.profile_ = (self.profile_from.profile_ if self.profile_from is not None
+                         else PathProfile.fit(clean, self.smoothing))
+        x = np.concatenate([supervised_features(self.profile_, clean), supervised_features(self.profile_, adversarial)])
+        y = np.concatenate([np.zeros(len(clean)), np.ones(len(adversarial))])
+        self.scorer_ = LinearScorer.fit(x, y, self.C, self.seed)
+
+    def _score(self, batch: PathBatch) -> torch.Tensor:
+        return torch.from_numpy(self.scorer_.decision(supervised_features(self.profile_, batch)))
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {**self.profile_.to_tensors(), **self.scorer_.to_tensors("scorer")}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
+        self.profile_ = PathProfile.from_tensors(tensors)
+        self.scorer_ = LinearScorer.from_tensors(tensors, "scorer")

@@ -58,7 +58,7 @@ def dataclass_from_args(cls, args: argparse.Namespace):
 # ------------------------------------------------------------------ train
 
 def _run_train(args):
-    from detector.train import TrainConfig, train
+    from pathguard.detector.train import TrainConfig, train
 
     cfg = dataclass_from_args(TrainConfig, args)
     path = train(cfg)
@@ -68,7 +68,7 @@ def _run_train(args):
 
 @command("train", "train the plain and decoupled networks and write a bundle")(_run_train)
 def _configure_train(parser):
-    from detector.train import TrainConfig
+    from pathguard.detector.train import TrainConfig
 
     add_dataclass_options(parser, TrainConfig)
 
@@ -76,9 +76,9 @@ def _configure_train(parser):
 # ---------------------------------------------------------------- measure
 
 def _run_measure(args):
-    from detector.bundle import load_bundle, update_bundle_card
-    from detector.data import load_dataset
-    from detector.train import measure_card
+    from pathguard.detector.bundle import load_bundle, update_bundle_card
+    from pathguard.detector.data import load_dataset
+    from pathguard.detector.train import measure_card
 
     bundle = load_bundle(args.bundle)
     test = load_dataset(args.dataset, "test", args.data_root)
@@ -89,7 +89,7 @@ def _run_measure(args):
 
 @command("measure", "re-measure a bundle's test figures (accuracy, sparsity, paths, FLOPs) into its card")(_run_measure)
 def _configure_measure(parser):
-    from detector.bundle import DEFAULT_BUNDLE
+    from pathguard.detector.bundle import DEFAULT_BUNDLE
 
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -99,7 +99,7 @@ def _configure_measure(parser):
 # ------------------------------------------------------------------- info
 
 def _print_info(path) -> None:
-    from detector.bundle import load_bundle
+    from pathguard.detector.bundle import load_bundle
 
     bundle = load_bundle(path)
     summary = {
@@ -120,7 +120,7 @@ def _run_info(args):
 
 @command("info", "verify a bundle and print what it holds")(_run_info)
 def _configure_info(parser):
-    from detector.bundle import DEFAULT_BUNDLE
+    from pathguard.detector.bundle import DEFAULT_BUNDLE
 
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle directory (default: the shipped one)")
 
@@ -128,7 +128,7 @@ def _configure_info(parser):
 # -------------------------------------------------------------------- fit
 
 def _run_fit(args):
-    from detector.fit import FitConfig, fit_bundle
+    from pathguard.detector.fit import FitConfig, fit_bundle
 
     cfg = dataclass_from_args(FitConfig, args)
     result = fit_bundle(cfg)
@@ -143,7 +143,7 @@ def _run_fit(args):
 
 @command("fit", "fit the path profile, choose the score on validation attacks, set the threshold")(_run_fit)
 def _configure_fit(parser):
-    from detector.fit import FitConfig
+    from pathguard.detector.fit import FitConfig
 
     add_dataclass_options(parser, FitConfig, skip=("ablation_attacks",))
     parser.add_argument("--ablation-attacks", dest="ablation_attacks", nargs="+", default=["fgsm", "pgd", "cw"])
@@ -152,14 +152,14 @@ def _configure_fit(parser):
 # ----------------------------------------------------------------- attack
 
 def _run_attack(args):
-    from attacks.cli import run
+    from pathguard.attacks.cli import run
 
     run(args)
 
 
 @command("attack", "generate reproducible adversarial sets against the decoupled model")(_run_attack)
 def _configure_attack(parser):
-    from attacks.cli import configure
+    from pathguard.attacks.cli import configure
 
     configure(parser)
 
@@ -167,11 +167,11 @@ def _configure_attack(parser):
 # --------------------------------------------------------------- evaluate
 
 def _run_evaluate(args):
-    from detector.evaluate import EvalConfig, evaluate, markdown_table
+    from pathguard.detector.evaluate import EvalConfig, evaluate, markdown_table
 
     cfg = dataclass_from_args(EvalConfig, args)
     if cfg.adaptive:
-        from detector.evaluate import adaptive_sweep, adaptive_table
+        from pathguard.detector.evaluate import adaptive_sweep, adaptive_table
 
         if cfg.quick:
             cfg.adaptive_n = min(cfg.adaptive_n, args.quick_n)
@@ -188,7 +188,7 @@ def _run_evaluate(args):
 
 @command("evaluate", "offline ROC evaluation of the path detector against baselines")(_run_evaluate)
 def _configure_evaluate(parser):
-    from detector.evaluate import ALL_ATTACKS, EvalConfig
+    from pathguard.detector.evaluate import ALL_ATTACKS, EvalConfig
 
     add_dataclass_options(parser, EvalConfig, skip=("attacks", "supervised_attacks", "adaptive_lambdas", "adaptive_eps"))
     parser.add_argument("--adaptive-lambdas", dest="adaptive_lambdas", nargs="+", type=float,
@@ -203,14 +203,14 @@ def _configure_evaluate(parser):
 # ---------------------------------------------------------------- explain
 
 def _run_explain(args):
-    from detector.explain import run
+    from pathguard.detector.explain import run
 
     run(args)
 
 
 @command("explain", "draw class path maps, class similarity, specific filters and one image's path")(_run_explain)
 def _configure_explain(parser):
-    from detector.explain import configure
+    from pathguard.detector.explain import configure
 
     configure(parser)
 
@@ -218,14 +218,14 @@ def _configure_explain(parser):
 # ------------------------------------------------------------------ serve
 
 def _run_serve(args):
-    from service.cli import run
+    from pathguard.service.cli import run
 
     return run(args)
 
 
 @command("serve", "run the detection service (FastAPI + uvicorn) on a bundle")(_run_serve)
 def _configure_serve(parser):
-    from service.cli import configure
+    from pathguard.service.cli import configure
 
     configure(parser)
 
@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detector.artifacts import ArtifactError
-    from detector.data import DatasetError
+    from pathguard.detector.artifacts import ArtifactError
+    from pathguard.detector.data import DatasetError
 
     args = build_parser().parse_args(argv)
     try:

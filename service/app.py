@@ -56,8 +56,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from detector.artifacts import ArtifactError
-from detector.inference import Inspection, Inspector
+from pathguard.detector.artifacts import ArtifactError
+from pathguard.detector.inference import Inspection, Inspector
 
 from .batching import InferenceTimeout, MicroBatcher, Overloaded, ShuttingDown, Unavailable
 from .images import DecodedImage, ImageError, ImageSpec, configure_pillow, decode_image

@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from detector.bundle import DEFAULT_BUNDLE
+from pathguard.detector.bundle import DEFAULT_BUNDLE
 
 
 class Settings(BaseSettings):

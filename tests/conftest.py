@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.models import Architecture
+from pathguard.detector.models import Architecture
 
 # The machine is small and shared: one thread keeps the tests predictable.
 torch.set_num_threads(1)
@@ -165,7 +165,7 @@ def serve_directory():
 @pytest.fixture(scope="session")
 def fmnist_test():
     """The real Fashion-MNIST test split (Debian's dataset-fashion-mnist)."""
-    from detector.data import load_dataset
+    from pathguard.detector.data import load_dataset
 
     return load_dataset("fashion-mnist", "test")
 

@@ -36,12 +36,12 @@ def build_service_bundle(root: Path) -> Path:
     with _LOCK:
         if "bundle" in _CACHE:
             return _CACHE["bundle"]
-        from detector.bundle import load_bundle
-        from detector.data import load_dataset
-        from detector.fit import save_detector
-        from detector.paths import extract_paths
-        from detector.scores import PathDetector
-        from detector.train import TrainConfig, train
+        from pathguard.detector.bundle import load_bundle
+        from pathguard.detector.data import load_dataset
+        from pathguard.detector.fit import save_detector
+        from pathguard.detector.paths import extract_paths
+        from pathguard.detector.scores import PathDetector
+        from pathguard.detector.train import TrainConfig, train
 
         path = train(TrainConfig(output=str(root / "bundle"), epochs_plain=1, epochs_decoupled=1,
                                  limit_train=2000, limit_test=300, progress=False))
@@ -61,7 +61,7 @@ def fmnist_images(n: int = 64) -> torch.Tensor:
     """The first n real Fashion-MNIST test images, (n, 1, 28, 28) in [0, 1]."""
     with _LOCK:
         if "test" not in _CACHE:
-            from detector.data import load_dataset
+            from pathguard.detector.data import load_dataset
 
             _CACHE["test"] = load_dataset("fashion-mnist", "test").images[:256].clone()
     return _CACHE["test"][:n]
@@ -71,7 +71,7 @@ def offline_inspector(bundle: Path):
     with _LOCK:
         key = f"inspector:{bundle}"
         if key not in _CACHE:
-            from detector.inference import Inspector
+            from pathguard.detector.inference import Inspector
 
             _CACHE[key] = Inspector.load(bundle)
         return _CACHE[key]
@@ -121,7 +121,7 @@ class LiveServer:
     def __init__(self, settings) -> None:
         import uvicorn
 
-        from service.app import create_app
+        from pathguard.service.app import create_app
 
         self.settings = settings
         self.app = create_app(settings)

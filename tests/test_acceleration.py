@@ -13,14 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detector.acceleration import (
+from pathguard.detector.acceleration import (
     SparseGatedNet,
     dense_flops,
     executed_flops,
     flop_summary,
     randomise_controls,
 )
-from detector.models import ARCHITECTURES, Architecture, ConvNet
+from pathguard.detector.models import ARCHITECTURES, Architecture, ConvNet
 
 torch.set_num_threads(1)
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.adaptive import AdaptivePGD, surrogate_fidelity, surrogate_score
-from detector.data import load_dataset
-from detector.models import Architecture, ConvNet
-from detector.paths import extract_paths
-from detector.scores import PathDetector
+from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity, surrogate_score
+from pathguard.detector.data import load_dataset
+from pathguard.detector.models import Architecture, ConvNet
+from pathguard.detector.paths import extract_paths
+from pathguard.detector.scores import PathDetector
 
 
 @pytest.fixture(scope="module")

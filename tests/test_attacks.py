@@ -16,14 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from attacks.cli import configure, parse_overrides, resolve_attacks, run, select_correct
-from attacks.generate import (
+from pathguard.attacks.cli import configure, parse_overrides, resolve_attacks, run, select_correct
+from pathguard.attacks.generate import (
     METADATA_FILE, TENSOR_KEYS, TENSORS_FILE, generate_attack_set, load_attack_set, save_attack_set,
 )
-from attacks.presets import PRESETS, attack_config, make_attack, parse_override
-from detector.artifacts import ArtifactError, atomic_write_json, read_json, sha256_file
-from detector.bundle import load_bundle, write_bundle
-from detector.models import Architecture, ConvNet
+from pathguard.attacks.presets import PRESETS, attack_config, make_attack, parse_override
+from pathguard.detector.artifacts import ArtifactError, atomic_write_json, read_json, sha256_file
+from pathguard.detector.bundle import load_bundle, write_bundle
+from pathguard.detector.models import Architecture, ConvNet
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from detector.artifacts import (
+from pathguard.detector.artifacts import (
     MANIFEST,
     ArtifactError,
     atomic_save_tensors,
@@ -20,7 +20,7 @@ from detector.artifacts import (
     verify_manifest,
     write_manifest,
 )
-from detector.bundle import (
+from pathguard.detector.bundle import (
     ARCHITECTURE_FILE,
     CARD_FILE,
     DECOUPLED_FILE,
@@ -30,7 +30,7 @@ from detector.bundle import (
     update_bundle_card,
     write_bundle,
 )
-from detector.models import Architecture, ConvNet
+from pathguard.detector.models import Architecture, ConvNet
 
 CLASSES = tuple(f"class{i}" for i in range(10))
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from detector.data import load_dataset
-from detector.inference import Inspector
+from pathguard.detector.data import load_dataset
+from pathguard.detector.inference import Inspector
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "localhost/pathguard:citest"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.data import (
+from pathguard.detector.data import (
     CIFAR10_CLASSES,
     DOWNLOADS,
     FASHION_MNIST_CLASSES,

@@ -9,15 +9,15 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from detector.artifacts import ArtifactError, atomic_save_tensors, load_tensors
-from detector.baselines import Mahalanobis, max_softmax_score, mle_lid
-from detector.bundle import load_bundle
-from detector.fit import PROFILE_TENSORS, load_detector, save_detector
-from detector.metrics import detection_metrics, tpr_at_fpr
-from detector.models import Architecture, ConvNet
-from detector.paths import PathBatch, extract_paths
-from detector.profile import PathProfile, ProfileMismatch
-from detector.scores import SCORES, PathDetector
+from pathguard.detector.artifacts import ArtifactError, atomic_save_tensors, load_tensors
+from pathguard.detector.baselines import Mahalanobis, max_softmax_score, mle_lid
+from pathguard.detector.bundle import load_bundle
+from pathguard.detector.fit import PROFILE_TENSORS, load_detector, save_detector
+from pathguard.detector.metrics import detection_metrics, tpr_at_fpr
+from pathguard.detector.models import Architecture, ConvNet
+from pathguard.detector.paths import PathBatch, extract_paths
+from pathguard.detector.profile import PathProfile, ProfileMismatch
+from pathguard.detector.scores import SCORES, PathDetector
 
 WIDTHS = [6, 10]
 D = sum(WIDTHS)
@@ -102,7 +102,7 @@ def test_invalid_parameters_are_rejected():
 
 
 def tiny_bundle(tmp_path, layers):
-    from detector.bundle import write_bundle
+    from pathguard.detector.bundle import write_bundle
 
     arch = Architecture("tiny", 1, 28, 10, layers, mean=(0.5,), std=(0.5,))
     torch.manual_seed(0)

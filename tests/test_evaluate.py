@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from detector.bundle import load_bundle
-from detector.fit import load_detector
-from detector.scores import SCORES
+from pathguard.detector.bundle import load_bundle
+from pathguard.detector.fit import load_detector
+from pathguard.detector.scores import SCORES
 from pathguard.cli import main
 
 

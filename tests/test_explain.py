@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.bundle import load_bundle, write_bundle
-from detector.data import FASHION_MNIST_CLASSES, DatasetError
-from detector.explain import (
+from pathguard.detector.bundle import load_bundle, write_bundle
+from pathguard.detector.data import FASHION_MNIST_CLASSES, DatasetError
+from pathguard.detector.explain import (
     class_on_frequency,
     configure,
     effective_path_similarity,
@@ -27,8 +27,8 @@ from detector.explain import (
     specific_filters,
     specificity,
 )
-from detector.models import ConvNet
-from detector.paths import extract_paths
+from pathguard.detector.models import ConvNet
+from pathguard.detector.paths import extract_paths
 
 torch.set_num_threads(1)
 
@@ -154,7 +154,7 @@ def _tiny_decoupled(arch, images, labels, seed=0) -> ConvNet:
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory, fmnist_test):
-    from detector.models import Architecture
+    from pathguard.detector.models import Architecture
 
     arch = Architecture("tiny", 1, 28, 10, (4, "M", 8, 8, "M"), mean=(0.5,), std=(0.5,))
     data = fmnist_test.head(N_IMAGES)

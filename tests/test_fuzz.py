@@ -50,7 +50,7 @@ def fuzz_bundle(service_bundle) -> Path:
 
 @pytest.fixture(scope="module")
 def live(fuzz_bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     with LiveServer(Settings(bundle=fuzz_bundle, batch_wait_ms=2, torch_threads=1)) as server:
         yield server

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.gates import ArchitectureControl, binary_gate, saturating_sigmoid, training_gate
-from detector.losses import (
+from pathguard.detector.gates import ArchitectureControl, binary_gate, saturating_sigmoid, training_gate
+from pathguard.detector.losses import (
     DecouplingWeights,
     alignment_loss,
     decoupling_loss,
     path_class_loss,
     sparsity_loss,
 )
-from detector.models import ARCHITECTURES, ConvNet
+from pathguard.detector.models import ARCHITECTURES, ConvNet
 
 # ----------------------------------------------------------------- gates
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detector.models import ConvNet
-from detector.paths import (
+from pathguard.detector.models import ConvNet
+from pathguard.detector.paths import (
     active_fraction,
     class_jaccard,
     distinct_paths,

@@ -44,7 +44,7 @@ def bundle(service_bundle) -> Path:
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     with LiveServer(Settings(bundle=bundle, batch_wait_ms=5, torch_threads=1)) as live:
         yield live
@@ -177,7 +177,7 @@ def test_wrong_size_is_refused_unless_resize_is_asked(client, bundle):
 
 
 def test_concurrent_clients_each_get_their_own_results(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     images = fmnist_images(48)
     expected = offline_inspector(bundle).inspect(images)
@@ -216,7 +216,7 @@ def test_concurrent_clients_each_get_their_own_results(bundle):
 
 
 def test_backpressure_gives_503_with_retry_after_and_never_500(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     settings = Settings(bundle=bundle, queue_size=1, max_images=1, batch_wait_ms=400, retry_after_s=2,
                         torch_threads=1)
@@ -249,7 +249,7 @@ def test_backpressure_gives_503_with_retry_after_and_never_500(bundle):
 
 
 def test_inference_time_limit_gives_503_with_retry_after(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     # The batch waits 1.5 s to fill, longer than the 0.2 s limit.
     settings = Settings(bundle=bundle, inference_timeout_s=0.2, batch_wait_ms=1500, torch_threads=1)
@@ -325,7 +325,7 @@ def test_openapi_documents_both_request_forms_with_examples(client):
 
 
 def test_api_key_guards_detect_model_and_optionally_metrics(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     key = "s3cret-key-for-tests"
     settings = Settings(bundle=bundle, api_key=key, protect_metrics=True, torch_threads=1)
@@ -376,9 +376,9 @@ def _start_lifespan(app):
 
 
 def test_tampered_or_incomplete_bundle_stops_startup(bundle, tmp_path):
-    from detector.bundle import update_bundle_card
-    from service.app import BundleError, create_app
-    from service.settings import Settings
+    from pathguard.detector.bundle import update_bundle_card
+    from pathguard.service.app import BundleError, create_app
+    from pathguard.service.settings import Settings
 
     tampered = copy_bundle(bundle, tmp_path / "tampered")
     weights = tampered / "decoupled.safetensors"
@@ -422,7 +422,7 @@ def test_tampered_or_incomplete_bundle_stops_startup(bundle, tmp_path):
 def test_cli_refuses_a_tampered_bundle_with_a_clear_message(bundle, tmp_path, capsys):
     import argparse
 
-    from service import cli
+    from pathguard.service import cli
 
     tampered = copy_bundle(bundle, tmp_path / "tampered")
     (tampered / "model_card.json").write_text("{}")
@@ -435,8 +435,8 @@ def test_cli_refuses_a_tampered_bundle_with_a_clear_message(bundle, tmp_path, ca
 
 
 def test_ready_is_503_until_the_model_is_loaded(bundle):
-    from service.app import create_app
-    from service.settings import Settings
+    from pathguard.service.app import create_app
+    from pathguard.service.settings import Settings
 
     app = create_app(Settings(bundle=bundle))
 
@@ -517,7 +517,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(bundle):
 def test_settings_from_environment_and_validation(monkeypatch, bundle):
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     monkeypatch.setenv("PATHGUARD_BUNDLE", str(bundle))
     monkeypatch.setenv("PATHGUARD_MAX_IMAGES", "5")
@@ -537,7 +537,7 @@ def test_settings_from_environment_and_validation(monkeypatch, bundle):
 def test_cli_options_override_the_environment(monkeypatch, bundle):
     import argparse
 
-    from service import cli
+    from pathguard.service import cli
 
     monkeypatch.setenv("PATHGUARD_PORT", "9999")
     monkeypatch.setenv("PATHGUARD_HOST", "0.0.0.0")
@@ -548,7 +548,7 @@ def test_cli_options_override_the_environment(monkeypatch, bundle):
 
 
 def test_micro_batcher_coalesces_splits_orders_and_drains():
-    from service.batching import MicroBatcher, Overloaded
+    from pathguard.service.batching import MicroBatcher, Overloaded
 
     passes: list[list[float]] = []
 

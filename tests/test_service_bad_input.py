@@ -47,7 +47,7 @@ def bundle(service_bundle):
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    from service.settings import Settings
+    from pathguard.service.settings import Settings
 
     settings = Settings(bundle=bundle, max_images=MAX_IMAGES, max_upload_bytes=MAX_UPLOAD, torch_threads=1)
     with LiveServer(settings) as live:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from attacks.generate import generate_attack_set
-from detector.bundle import DEFAULT_BUNDLE
-from detector.data import load_dataset
-from detector.inference import Inspector
-from service.app import create_app
-from service.settings import Settings
+from pathguard.attacks.generate import generate_attack_set
+from pathguard.detector.bundle import DEFAULT_BUNDLE
+from pathguard.detector.data import load_dataset
+from pathguard.detector.inference import Inspector
+from pathguard.service.app import create_app
+from pathguard.service.settings import Settings
 from service_fixtures import png_of
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detector.artifacts import read_json, verify_manifest
-from detector.bundle import DEFAULT_BUNDLE, load_bundle
-from detector.paths import extract_paths
-from detector.train import TrainConfig, augment_batch, evaluate_accuracy, train
+from pathguard.detector.artifacts import read_json, verify_manifest
+from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
+from pathguard.detector.paths import extract_paths
+from pathguard.detector.train import TrainConfig, augment_batch, evaluate_accuracy, train
 
 LIMIT_TRAIN, LIMIT_TEST = 600, 200
 

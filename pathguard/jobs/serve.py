@@ -36,7 +36,7 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from detector.artifacts import ArtifactError, verify_manifest
+    from pathguard.detector.artifacts import ArtifactError, verify_manifest
 
     from .server import serve
 

@@ -100,8 +100,8 @@ class _Timer:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    from attacks.cli import select_correct
-    from attacks.generate import generate_attack_set
+    from pathguard.attacks.cli import select_correct
+    from pathguard.attacks.generate import generate_attack_set
 
     started = time.time()
     timer = _Timer()
@@ -155,7 +155,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             aset = generate_attack_set(model, evalset.images, evalset.labels, name, seed=cfg.seed,
                                        overrides=overrides.get(name), progress=cfg.progress)
             if cfg.save_attacks:
-                from attacks.generate import save_attack_set
+                from pathguard.attacks.generate import save_attack_set
 
                 save_attack_set(aset, Path(cfg.save_attacks) / name)
         with timer.section(f"score {name}"):
@@ -310,8 +310,8 @@ def adaptive_sweep(cfg: EvalConfig) -> dict:
     """For each (eps, lambda): fooling rate, detector AUROC, and the rate of
     undetected successes (fooled and scored under the stored threshold) over
     all evaluation images; plus how faithful the soft surrogate is."""
-    from attacks.adaptive import AdaptivePGD, surrogate_fidelity
-    from attacks.cli import select_correct
+    from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity
+    from pathguard.attacks.cli import select_correct
 
     started = time.time()
     torch.manual_seed(cfg.seed)

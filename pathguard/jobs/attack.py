@@ -32,7 +32,7 @@ DEFAULT_OUTPUT = "attacksets"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from detector.bundle import DEFAULT_BUNDLE
+    from pathguard.detector.bundle import DEFAULT_BUNDLE
 
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle directory (default: the shipped one)")
     parser.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
@@ -112,8 +112,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from detector.bundle import load_bundle
-    from detector.data import DatasetError, load_dataset
+    from pathguard.detector.bundle import load_bundle
+    from pathguard.detector.data import DatasetError, load_dataset
 
     try:
         attacks = resolve_attacks(args.attack)

@@ -1,4 +1,5 @@
-"""Per-image inspection: what the service answers for each image.
+"""Per-image inspection: what ``pathguard.inspect`` and the service answer
+for each image.
 
 ``Inspector`` couples a verified bundle with its fitted detector and turns a
 batch of images (pixels in [0, 1], the model's input shape) into one
@@ -12,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle
-from .fit import load_detector
+from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
 from .paths import extract_paths, split_layers
-from .scores import PathDetector
+from .scores import PathScore
 
 
 @dataclass
@@ -32,8 +32,8 @@ class Inspection:
 
 
 class Inspector:
-    def __init__(self, bundle: Bundle, detector: PathDetector) -> None:
-        if detector.threshold is None:
+    def __init__(self, bundle: Bundle, detector: PathScore) -> None:
+        if detector.threshold_ is None:
             raise ValueError("the bundle's detector has no threshold; run `pathguard fit`")
         self.bundle = bundle
         self.detector = detector
@@ -60,11 +60,11 @@ class Inspector:
         self.check_images(images)
         batch = extract_paths(self.model, images.float())
         scores = self.detector.score_samples(batch)
+        flags = self.detector.flag(scores)
         deviations = self.detector.layer_deviations(batch)
         probs = torch.softmax(batch.logits, dim=1)
         confidence, predicted = probs.max(dim=1)
-        widths = self.model.gated_widths
-        layers = split_layers(batch.paths.to(torch.int64), widths)
+        layers = split_layers(batch.paths.to(torch.int64), batch.widths)
         out = []
         for i in range(len(images)):
             c = int(predicted[i])
@@ -72,9 +72,9 @@ class Inspector:
                 predicted_class=c,
                 label=self.bundle.classes[c],
                 confidence=float(confidence[i]),
-                adversarial=bool(scores[i] > self.detector.threshold),
+                adversarial=bool(flags[i]),
                 score=float(scores[i]),
-                threshold=float(self.detector.threshold),
+                threshold=float(self.detector.threshold_),
                 layer_deviations=[float(d) for d in deviations[i]],
                 active_fraction=float(batch.paths[i].float().mean()),
                 layer_paths=[layer[i].tolist() for layer in layers] if include_path else None,

@@ -102,8 +102,8 @@ def ablation(detector: PathDetector, clean_batch, adversarial: dict) -> dict:
 
 
 def fit_bundle(cfg: FitConfig) -> dict:
-    from attacks.cli import select_correct
-    from attacks.generate import generate_attack_set
+    from pathguard.attacks.cli import select_correct
+    from pathguard.attacks.generate import generate_attack_set
 
     started = time.time()
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,37 @@
+"""The re-layout (issue 9) must not change what the shipped bundle answers:
+scores, flags, predictions and layer deviations on a real slice match the
+values recorded before the change (tests/data/shipped_scores.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pathguard.detector.data import load_dataset
+from pathguard.detector.inspection import Inspector
+
+RECORDED = Path(__file__).parent / "data" / "shipped_scores.json"
+
+
+def recorded_images() -> torch.Tensor:
+    """The images the recording was made on (see its description)."""
+    x = load_dataset("fashion-mnist", "test").images[:256]
+    g = torch.Generator().manual_seed(1)
+    noisy = (x[:64] + 0.3 * torch.randn(x[:64].shape, generator=g)).clamp(0, 1)
+    return torch.cat([x, noisy, 1 - x[:64]])
+
+
+def test_shipped_bundle_answers_as_before_the_relayout():
+    expected = json.loads(RECORDED.read_text())
+    inspector = Inspector.load()
+    results = inspector.inspect(recorded_images())
+    assert inspector.detector.name == expected["score"]
+    assert abs(inspector.detector.threshold_ - expected["threshold"]) <= 1e-6
+    np.testing.assert_allclose([r.score for r in results], expected["scores"], rtol=0, atol=1e-6)
+    assert [r.predicted_class for r in results] == expected["predicted"]
+    assert [r.adversarial for r in results] == expected["adversarial"]
+    np.testing.assert_allclose([r.layer_deviations for r in results], expected["layer_deviations"], atol=1e-6)
+    assert 0 < sum(expected["adversarial"]) < len(results)  # the slice holds flagged and unflagged images
