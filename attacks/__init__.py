@@ -1,4 +1,5 @@
-"""Adversarial attack sets for evaluating PathGuard (design.md §3).
+"""Adversarial attack sets for evaluating PathGuard (docs/evaluation.md,
+"Attacks").
 
 ``presets`` names the attacks of the protocol, ``generate`` runs them and
 stores the results, ``cli`` is the ``pathguard attack`` command.

@@ -3,7 +3,7 @@
 The attacker knows the model, the profile and the score.  The real path is
 binary (zero gradient), so the attacker differentiates a surrogate: the same
 detector score computed on soft paths, sigmoid(z / T) in place of 1[z > 0]
-(design.md §3).  T = 0.1 by default: on a tiny model it tracked the real
+(docs/evaluation.md, "Adaptive attack").  T = 0.1 by default: on a tiny model it tracked the real
 score far better than T = 1 (Spearman 0.38 vs 0.04 for the one-class
 score) and lowered it more.  Each step ascends
 
@@ -25,29 +25,28 @@ import torch.nn.functional as F
 import torchattacks
 from scipy.stats import pearsonr, spearmanr
 
+from pathguard.detector.base import Detector
 from pathguard.detector.models import ConvNet
 from pathguard.detector.paths import PathBatch
-from pathguard.detector.scores import PathDetector
 
 
 def surrogate_batch(model: ConvNet, images: torch.Tensor, temperature: float) -> PathBatch:
     """A PathBatch whose paths are soft gates: differentiable in ``images``."""
-    trace = model.trace(images, soft_temperature=temperature)
-    return PathBatch(trace.logits, trace.path, trace.path_logits, trace.features)
+    return PathBatch.from_trace(model.trace(images, soft_temperature=temperature), model.gated_widths)
 
 
-def surrogate_score(detector: PathDetector, model: ConvNet, images: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+def surrogate_score(detector: Detector, model: ConvNet, images: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     return detector.score_tensor(surrogate_batch(model, images, temperature))
 
 
 class AdaptivePGD(torchattacks.attack.Attack):
     """L-inf PGD on CE - lambda * hinge(soft path score / threshold)."""
 
-    def __init__(self, model: ConvNet, detector: PathDetector, eps: float = 0.1, alpha: float = 0.01,
+    def __init__(self, model: ConvNet, detector: Detector, eps: float = 0.1, alpha: float = 0.01,
                  steps: int = 40, lam: float = 1.0, temperature: float = 0.1, random_start: bool = True,
                  margin: float = 0.1) -> None:
         super().__init__("AdaptivePGD", model)
-        if detector.threshold is None or detector.threshold <= 0:
+        if getattr(detector, "threshold_", None) is None or detector.threshold_ <= 0:
             raise ValueError("the adaptive attack needs a calibrated detector with a positive threshold")
         if eps <= 0 or alpha <= 0 or steps < 1 or lam < 0 or temperature <= 0:
             raise ValueError("eps, alpha, temperature must be > 0, steps >= 1, lam >= 0")
@@ -61,7 +60,7 @@ class AdaptivePGD(torchattacks.attack.Attack):
         if self.lam == 0:
             return ce
         soft = surrogate_score(self.detector, self.model, adv, self.temperature)
-        excess = torch.relu(soft / self.detector.threshold - (1 - self.margin))
+        excess = torch.relu(soft / self.detector.threshold_ - (1 - self.margin))
         return ce - self.lam * excess.sum()
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -78,7 +77,7 @@ class AdaptivePGD(torchattacks.attack.Attack):
         return adv
 
 
-def surrogate_fidelity(detector: PathDetector, model: ConvNet, images: torch.Tensor, temperature: float,
+def surrogate_fidelity(detector: Detector, model: ConvNet, images: torch.Tensor, temperature: float,
                        real_scores: np.ndarray) -> dict:
     """How well the soft score tracks the real one (Pearson and Spearman)."""
     with torch.no_grad():

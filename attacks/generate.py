@@ -1,5 +1,6 @@
 """Generate, save and load attack sets: adversarial images plus everything
-needed to evaluate a detector on them (design.md §3).
+needed to evaluate a detector on them (docs/evaluation.md, "Positives and
+negatives"; the files: docs/contracts.md, "Attack sets").
 
 Success
     ``success[i]`` is True when the model classifies original ``i``
@@ -33,7 +34,6 @@ Reproducibility
 from __future__ import annotations
 
 import os
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +48,8 @@ from tqdm import tqdm
 from pathguard.detector.artifacts import (
     ArtifactError, atomic_save_tensors, atomic_write_json, load_tensors, read_json, sha256_file,
 )
+from pathguard.detector.measure import versions as library_versions
+from pathguard.detector.paths import device_of
 
 from .presets import attack_config, get_preset, make_attack, run_attack
 
@@ -158,27 +160,6 @@ def _inference_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
-    """Class predictions in inference mode, batched; int64 on the CPU."""
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    try:
-        preds = [model(images[i:i + batch_size].to(device)).argmax(dim=1).cpu()
-                 for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def generate_attack_set(
     model: nn.Module,
     images: torch.Tensor,
@@ -205,7 +186,7 @@ def generate_attack_set(
     if len(images) and (images.min() < 0 or images.max() > 1):
         raise ValueError("images must be pixels in [0, 1]")
     config = attack_config(attack_name, overrides)
-    device = _device_of(model)
+    device = device_of(model)
 
     adversarial, pred_orig, pred_adv = [], [], []
     start = time.perf_counter()
@@ -250,11 +231,7 @@ def generate_attack_set(
 
 
 def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchattacks": torchattacks.__version__,
-    }
+    return {**library_versions(), "torchattacks": torchattacks.__version__}
 
 
 def save_attack_set(attack_set: AttackSet, path: str | os.PathLike) -> Path:

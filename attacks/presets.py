@@ -1,4 +1,5 @@
-"""Named attack presets: the attacks of the evaluation protocol (design.md §3).
+"""Named attack presets: the attacks of the evaluation protocol
+(docs/evaluation.md, "Attacks").
 
 Each preset pins one torchattacks class and every one of its parameters, so
 an attack set can be regenerated from its name plus the overrides recorded

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
 from pathguard.detector.data import load_dataset  # noqa: E402
-from pathguard.detector.inference import Inspector  # noqa: E402
+from pathguard.detector.inspection import Inspector  # noqa: E402
 from pathguard.detector.paths import extract_paths  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> None:
         "batch": args.batch, "repeats": args.repeats, "threads": args.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "plain_ms_per_batch": 1000 * med["plain"], "detect_ms_per_batch": 1000 * med["detect"],
-        "ratio_detect_over_plain": med["detect"] / med["plain"], "score": detector.score,
+        "ratio_detect_over_plain": med["detect"] / med["plain"], "score": detector.name,
     }
     print(f"batch {args.batch}, {args.repeats} interleaved repeats, {args.threads} threads, {result['machine']}")
     print(f"  plain forward:                  {result['plain_ms_per_batch']:8.2f} ms/batch (median)")

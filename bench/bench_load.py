@@ -1,7 +1,7 @@
 """Load test: many concurrent clients, valid and invalid requests mixed.
 
-Starts the real service in a subprocess (``python -m service.server`` on a
-free loopback port, configured by PATHGUARD_* variables) and lets
+Starts the real service in a subprocess (``python -m pathguard.service.server``
+on a free loopback port, configured by PATHGUARD_* variables) and lets
 ``--clients`` (default 64) closed-loop clients send a seeded mix of requests,
 bounded by ``--requests`` and ``--seconds``:
 
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 8:
         parser.error("--images must be at least 8 (multi-image requests use up to 8 distinct images)")
 
-    from pathguard.detector.inference import Inspector
+    from pathguard.detector.inspection import Inspector
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

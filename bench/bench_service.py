@@ -1,8 +1,8 @@
 """Service throughput and latency vs the in-process batched forward (the ceiling).
 
-Starts the real service (``python -m service.server``, uvicorn on loopback, in
-a subprocess so that the client and the server do not share a GIL) on a
-bundle, once with micro-batching on and once with it off.  For each
+Starts the real service (``python -m pathguard.service.server``, uvicorn on
+loopback, in a subprocess so that the client and the server do not share a
+GIL) on a bundle, once with micro-batching on and once with it off.  For each
 concurrency (default 1, 16 and 64 closed-loop clients) it sends single-image
 ``POST /detect`` requests (real Fashion-MNIST test images as PNG, multipart)
 for at most ``--requests`` requests or ``--seconds`` seconds, and measures
@@ -106,8 +106,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """``python -m service.server`` in a subprocess on a free loopback port,
-    configured through PATHGUARD_* (inherited PATHGUARD_* variables are dropped)."""
+    """``python -m pathguard.service.server`` in a subprocess on a free loopback
+    port, configured through PATHGUARD_* (inherited PATHGUARD_* variables are dropped)."""
 
     def __init__(self, bundle: str | Path, host: str = "127.0.0.1", **settings) -> None:
         self.bundle = Path(bundle)
@@ -139,8 +139,8 @@ class ServerProcess:
     def start(self, timeout: float = 180.0) -> "ServerProcess":
         for attempt in range(3):  # the free port may be taken between probe and bind: retry
             self.port = free_port(self.host)
-            self.proc = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=REPO_ROOT, env=self._env(),
-                                         stdout=self.log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([sys.executable, "-m", "pathguard.service.server"], cwd=REPO_ROOT,
+                                         env=self._env(), stdout=self.log, stderr=subprocess.STDOUT)
             if self._wait_ready(timeout):
                 return self
             if "address already in use" not in self.log_tail().lower() or attempt == 2:
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.clients) < 1 or args.client_procs < 1 or args.requests < 1 or args.seconds <= 0:
         parser.error("--clients, --requests and --seconds must be positive")
 
-    from pathguard.detector.inference import Inspector
+    from pathguard.detector.inspection import Inspector
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"python {info['python']}, torch {info['torch']} ({threads} threads for the server and the ceiling), "
           f"httpx {info['httpx']}")
     print(f"bundle: {Path(args.bundle).resolve()} (digest {inspector.bundle.digest[:12]}...), "
-          f"detector {inspector.detector.score}")
+          f"detector {inspector.detector.name}")
     print(f"each setting: at most {args.requests} single-image requests or {args.seconds:g} s; "
           f"{args.client_procs} client process(es), one keep-alive connection per client")
 

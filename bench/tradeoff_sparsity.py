@@ -27,7 +27,7 @@ from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
 from pathguard.detector.data import load_dataset  # noqa: E402
 from pathguard.detector.models import ConvNet  # noqa: E402
 from pathguard.detector.paths import extract_paths  # noqa: E402
-from pathguard.detector.train import evaluate_accuracy  # noqa: E402
+from pathguard.detector.measure import evaluate_accuracy  # noqa: E402
 
 
 def shifted(model: ConvNet, offset: float) -> ConvNet:

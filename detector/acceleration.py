@@ -1,8 +1,8 @@
 """Real acceleration from the calculation path: FLOP accounting and a
 batch-1 inference mode that actually skips switched-off filters.
 
-Decoupling (design.md §1) promises that an input only needs the filters on
-its calculation path.  This module measures that promise twice:
+Decoupling (docs/method.md, "Decoupled network") promises that an input
+only needs the filters on its calculation path.  This module measures that promise twice:
 
 * **On paper** -- ``dense_flops`` counts what the network costs when every
   filter runs; ``executed_flops`` counts, per image, what a gated forward
@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import ConvNet
+from .paths import observe, split_layers
 
 KERNEL = 9  # 3 x 3 convolutions throughout (models.ConvBlock)
 
@@ -120,18 +121,12 @@ def dense_flops(model: ConvNet, input_shape=None) -> dict:
     return {"layers": layers, "backbone": backbone, "acm": acm, "total": backbone + acm}
 
 
-@torch.no_grad()
 def executed_gates(model: ConvNet, images: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
     """The eval-mode binary gates of each gated layer, (N, C_out) each."""
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = [model.trace(images[i:i + batch_size]).gates for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
-    if not chunks or not chunks[0]:
+    if not model.gated:
         return []
-    return [torch.cat([c[g] for c in chunks]) for g in range(len(chunks[0]))]
+    batch = observe(model, images, batch_size)
+    return list(split_layers(batch.paths, batch.widths))
 
 
 def executed_flops_from_gates(model: ConvNet, gates: list[torch.Tensor], input_shape=None,

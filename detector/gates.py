@@ -1,4 +1,5 @@
-"""Architecture controlling module (ACM) and the binary gate of design.md §1.
+"""Architecture controlling module (ACM) and the binary gate of the decoupled
+network (docs/method.md, "Decoupled network").
 
 Every gated layer owns one ``ArchitectureControl``: it looks at the layer's
 *input*, and emits one logit per output filter.  The logit becomes a binary

@@ -1,4 +1,5 @@
-"""The decoupling objective of design.md §1, one function per term.
+"""The decoupling objective (docs/method.md, "Training objective"), one
+function per term.
 
 Each function takes the tensors of one gated layer and returns a scalar, so
 each can be checked on hand-made tensors.

@@ -81,7 +81,7 @@ class PathBatch:
         return cls(widths=list(first.widths), **tensors)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -94,7 +94,7 @@ def observe(model: ConvNet, images: torch.Tensor, batch_size: int = 500, labels:
     """Run ``model`` in inference mode over ``images`` (pixels in [0, 1]) in
     batches on the model's device; results come back on the CPU.  The
     model's training mode is restored afterwards."""
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     parts = []
@@ -132,6 +132,11 @@ def extract_paths(model: ConvNet, images: torch.Tensor, batch_size: int = 500) -
 def predict_classes(model: ConvNet, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
     """Class predictions in inference mode (int64, on the CPU)."""
     return observe(model, images, batch_size).predictions
+
+
+def correct_mask(model: ConvNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """True where ``model`` (in inference mode) classifies the image correctly."""
+    return predict_classes(model, images, batch_size) == torch.as_tensor(labels).cpu()
 
 
 def split_layers(paths: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:

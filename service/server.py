@@ -6,8 +6,8 @@ app's lifespan drains the micro-batcher.  ``serve`` then returns 0, so a
 graceful stop is a clean exit (uvicorn alone would re-raise the signal after
 shutting down and the process would die by it).
 
-``python -m service.server`` serves with the settings from the environment
-(``PATHGUARD_*``).
+``python -m pathguard.service.server`` serves with the settings from the
+environment (``PATHGUARD_*``).
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import signal
 import sys
 import threading
 
+import uvicorn
+
+from .app import create_app
 from .settings import Settings
 
 log = logging.getLogger("pathguard.service")
@@ -33,10 +36,6 @@ def configure_logging(level: str) -> None:
 
 
 def build_server(settings: Settings):
-    import uvicorn
-
-    from .app import create_app
-
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         lifespan="on", timeout_graceful_shutdown=int(settings.inference_timeout_s) + 5,

@@ -2,7 +2,7 @@
 fitted once per test session), real Fashion-MNIST test images encoded as
 image files, and real uvicorn servers on free local ports.
 
-Nothing is mocked: the bundle is trained by detector.train, its detector
+Nothing is mocked: the bundle is trained by pathguard.jobs.train, its detector
 fitted on real paths, and every request goes over a real socket.
 """
 
@@ -36,21 +36,19 @@ def build_service_bundle(root: Path) -> Path:
     with _LOCK:
         if "bundle" in _CACHE:
             return _CACHE["bundle"]
-        from pathguard.detector.bundle import load_bundle
+        from pathguard.detector.bundle import load_bundle, save_detector
         from pathguard.detector.data import load_dataset
-        from pathguard.detector.fit import save_detector
+        from pathguard.detector.detectors import make_detector
         from pathguard.detector.paths import extract_paths
-        from pathguard.detector.scores import PathDetector
-        from pathguard.detector.train import TrainConfig, train
+        from pathguard.jobs.train import Config, train
 
-        path = train(TrainConfig(output=str(root / "bundle"), epochs_plain=1, epochs_decoupled=1,
-                                 limit_train=2000, limit_test=300, progress=False))
+        path = train(Config(output=str(root / "bundle"), epochs_plain=1, epochs_decoupled=1,
+                            limit_train=2000, limit_test=300, progress=False))
         bundle = load_bundle(path)
         train_set = load_dataset("fashion-mnist", "train")
         model = bundle.decoupled
-        detector = PathDetector("layer-gauss-conf")
-        detector.fit(extract_paths(model, train_set.images[2000:3000]), model.gated_widths,
-                     bundle.arch.num_classes)
+        detector = make_detector("layer-gauss-conf")
+        detector.fit(extract_paths(model, train_set.images[2000:3000]))
         detector.calibrate(extract_paths(model, train_set.images[3000:3300]))
         save_detector(path, detector, {"note": "service test bundle, fitted without attacks"})
         _CACHE["bundle"] = Path(path)
@@ -71,7 +69,7 @@ def offline_inspector(bundle: Path):
     with _LOCK:
         key = f"inspector:{bundle}"
         if key not in _CACHE:
-            from pathguard.detector.inference import Inspector
+            from pathguard.detector.inspection import Inspector
 
             _CACHE[key] = Inspector.load(bundle)
         return _CACHE[key]

@@ -10,7 +10,7 @@ from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity, surrogat
 from pathguard.detector.data import load_dataset
 from pathguard.detector.models import Architecture, ConvNet
 from pathguard.detector.paths import extract_paths
-from pathguard.detector.scores import PathDetector
+from pathguard.detector.detectors import make_detector
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,8 @@ def setup():
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    detector = PathDetector(score="layer-gauss-conf")
-    detector.fit(extract_paths(model, data.images[:1000]), model.gated_widths, 10)
+    detector = make_detector("layer-gauss-conf")
+    detector.fit(extract_paths(model, data.images[:1000]))
     detector.calibrate(extract_paths(model, data.images[1000:1300]))
     return model, detector, data.subset(torch.arange(1300, 1400))
 
@@ -55,7 +55,7 @@ def test_adaptive_attack_lowers_the_score_compared_with_plain_pgd(setup):
         assert adv.min() >= 0 and adv.max() <= 1
         results[lam] = detector.score_samples(extract_paths(model, adv))
     assert np.median(results[5.0]) < np.median(results[0.0])
-    assert (results[5.0] <= detector.threshold).mean() > (results[0.0] <= detector.threshold).mean()
+    assert (results[5.0] <= detector.threshold_).mean() > (results[0.0] <= detector.threshold_).mean()
 
 
 def test_surrogate_is_differentiable_and_tracks_the_real_score(setup):
@@ -75,4 +75,4 @@ def test_invalid_settings_are_rejected(setup):
     with pytest.raises(ValueError):
         AdaptivePGD(model, detector, eps=-1)
     with pytest.raises(ValueError, match="calibrated"):
-        AdaptivePGD(model, PathDetector())
+        AdaptivePGD(model, make_detector("layer-gauss-conf"))

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pathguard.attacks.cli import configure, parse_overrides, resolve_attacks, run, select_correct
 from pathguard.attacks.generate import (
     METADATA_FILE, TENSOR_KEYS, TENSORS_FILE, generate_attack_set, load_attack_set, save_attack_set,
 )
@@ -24,6 +23,8 @@ from pathguard.attacks.presets import PRESETS, attack_config, make_attack, parse
 from pathguard.detector.artifacts import ArtifactError, atomic_write_json, read_json, sha256_file
 from pathguard.detector.bundle import load_bundle, write_bundle
 from pathguard.detector.models import Architecture, ConvNet
+from pathguard.cli import build_parser, main
+from pathguard.jobs.attack import parse_overrides, resolve_attacks, select_correct
 
 torch.set_num_threads(1)
 
@@ -276,8 +277,8 @@ def test_parse_override_and_cli_overrides():
 def test_select_correct_returns_first_n_correct(model, data):
     images, labels = data
     correct = (_predict(model, images) == labels).nonzero().flatten()
-    assert torch.equal(select_correct(model, images, labels, 3, batch_size=2), correct[:3])
-    assert torch.equal(select_correct(model, images, labels, 100, batch_size=3), correct)
+    assert torch.equal(select_correct(model, images, labels, 3), correct[:3])
+    assert torch.equal(select_correct(model, images, labels, 100), correct)
     assert len(select_correct(model, images, labels, 0)) == 0
 
 
@@ -286,23 +287,23 @@ def test_cli_end_to_end(model, data, tmp_path, capsys):
     images, labels = data
     bundle_dir = write_bundle(tmp_path / "bundle", TINY, tuple(str(i) for i in range(10)), model,
                               ConvNet(TINY, gated=False), training={}, card={})
+    # A folder as a user has it: train/<class>/ names all ten classes, test/ holds the images to attack.
     root = tmp_path / "folder"
     for c in range(10):
-        (root / str(c)).mkdir(parents=True)
+        (root / "train" / str(c)).mkdir(parents=True)
+        Image.fromarray(np.full((28, 28), 25 * c, dtype=np.uint8)).save(root / "train" / str(c) / "x.png")
     for i, (image, label) in enumerate(zip(images, labels)):
         pixels = (image[0].numpy() * 255).round().astype(np.uint8)
-        Image.fromarray(pixels).save(root / str(int(label)) / f"{i}.png")
+        (root / "test" / str(int(label))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "test" / str(int(label)) / f"{i}.png")
 
-    parser = argparse.ArgumentParser()
-    configure(parser)
-    defaults = parser.parse_args([])
+    defaults = build_parser().parse_args(["attack"])
     assert (defaults.dataset, defaults.split, defaults.n, defaults.attack) == ("fashion-mnist", "test", 2000, ["all"])
-    args = parser.parse_args([
-        "--bundle", str(bundle_dir), "--dataset", "folder", "--data-root", str(root), "--attack", "fgsm", "pgd-low",
-        "--n", "4", "--set", "eps=0.05", "--set", "pgd-low.steps=3", "--output", str(tmp_path / "out"),
+    assert main([
+        "attack", "--bundle", str(bundle_dir), "--dataset", "folder", "--data-root", str(root), "--attack", "fgsm",
+        "pgd-low", "--n", "4", "--set", "eps=0.05", "--set", "pgd-low.steps=3", "--output", str(tmp_path / "out"),
         "--no-progress",
-    ])
-    run(args)
+    ]) == 0
     out = capsys.readouterr().out
     assert out.count("success") == 2 and "fgsm" in out and "pgd-low" in out
 

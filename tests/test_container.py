@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from pathguard.detector.data import load_dataset
-from pathguard.detector.inference import Inspector
+from pathguard.detector.inspection import Inspector
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "localhost/pathguard:citest"

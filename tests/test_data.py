@@ -8,10 +8,12 @@ binary records, PNGs written with Pillow, and a real HTTP server on
 from __future__ import annotations
 
 import gzip
+import json
 import hashlib
 import shutil
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +26,24 @@ from pathguard.detector.data import (
     DOWNLOADS,
     FASHION_MNIST_CLASSES,
     MNIST_CLASSES,
+    DataSpec,
     DatasetError,
     download_dataset,
     download_file,
     file_digest,
+    fit_size,
     load_cifar10,
     load_dataset,
     load_idx_split,
     load_image_folder,
+    load_split,
+    normalisation_stats,
     read_cifar_batch,
     read_idx,
+    resolve_spec,
     train_val_split,
 )
+from pathguard.detector.splits import class_counts
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -358,8 +366,16 @@ def test_image_folder_grey(tmp_path):
     for k, path in enumerate(order):
         expected = torch.from_numpy(written[path].astype(np.float32) / 255.0)
         assert torch.equal(data.images[k, 0], expected)
-    same = load_dataset("folder", "ignored", tmp_path, channels=1)
-    assert torch.equal(same.images, data.images)
+    # load_dataset splits a single class-folder root into disjoint train and
+    # test parts (it used to ignore the split and return the whole folder
+    # for both: test images leaked into training).
+    train = load_dataset("folder", "train", tmp_path, channels=1)
+    test = load_dataset("folder", "test", tmp_path, channels=1)
+    assert len(train) + len(test) == len(data) and len(test) >= 1
+    together = torch.cat([train.images, test.images]).flatten(1)
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, data.images.flatten(1).tolist()))
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("folder", "ignored", tmp_path, channels=1)
 
 
 def test_image_folder_rgb(tmp_path):
@@ -393,11 +409,13 @@ def test_image_folder_corrupt_image_names_file(tmp_path, content):
 
 def test_image_folder_sizes_must_match_unless_resized(tmp_path):
     _png_folder(tmp_path, size_for=lambda cls, i: (6, 6) if (cls, i) == ("cat", 1) else (5, 4))
-    with pytest.raises(DatasetError, match="pass size=") as excinfo:
+    with pytest.raises(DatasetError, match="image size") as excinfo:
         load_image_folder(tmp_path)
     assert str(tmp_path / "cat" / "img1.png") in str(excinfo.value)
+    assert "--image-size" in str(excinfo.value)
     data = load_image_folder(tmp_path, size=8)
     assert data.images.shape == (5, 1, 8, 8)
+    assert any(note.startswith("resized 5 image(s) to 8x8 (pad") for note in data.notes)
     assert float(data.images.min()) >= 0.0 and float(data.images.max()) <= 1.0
 
 
@@ -425,6 +443,15 @@ def test_train_val_split_properties():
     assert not torch.equal(val_a, val_c)
     assert set(val_a.tolist()) != set(val_c.tolist())
     assert sorted(train_c.tolist() + val_c.tolist()) == list(range(1000))
+
+
+def test_train_val_split_reproduces_recorded_split():
+    """The shipped bundle records (seed 0, fraction 0.1) over the 60000
+    Fashion-MNIST training images; the same call must give the same split."""
+    train, val = train_val_split(60000, 0.1, seed=0)
+    assert val[:5].tolist() == [36044, 10678, 57327, 55074, 21567]
+    digest = hashlib.sha256(train.numpy().tobytes() + val.numpy().tobytes()).hexdigest()
+    assert digest == "cd76ed4cf5ffc72b2f5afdeb87cd4d4b4ea8651c72964caefb21406700256780"
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
@@ -541,3 +568,330 @@ def test_file_digest_algorithms(tmp_path):
     assert file_digest(path, "md5") == hashlib.md5(path.read_bytes()).hexdigest()
     with pytest.raises(ValueError):
         file_digest(path, "crc32")
+
+
+# ------------------------------------------------ data spec and load_split
+
+
+def _save(path: Path, array: np.ndarray, mode: str | None = None, **save_options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array, mode=mode)
+    image.save(path, **save_options)
+    return path
+
+
+def _class_tree(root: Path, counts: dict[str, int], size=lambda cls, i: (6, 6), rgb=lambda cls, i: False, seed=0):
+    """root/<class>/<class>-<i>.png; returns {path: uint8 array}."""
+    rng = np.random.default_rng(seed)
+    written = {}
+    for cls, count in counts.items():
+        for i in range(count):
+            width, height = size(cls, i)
+            shape = (height, width, 3) if rgb(cls, i) else (height, width)
+            array = rng.integers(0, 256, size=shape, dtype=np.uint8)
+            written[_save(root / cls / f"{cls}-{i}.png", array)] = array
+    return written
+
+
+def _train_test_tree(root: Path):
+    """train/ with mixed sizes and two RGB images; test/ smaller."""
+    train = _class_tree(root / "train", {"ant": 4, "bee": 3, "cow": 5},
+                        size=lambda c, i: (8, 6) if i == 1 else (6, 6), rgb=lambda c, i: c == "bee" and i < 2)
+    test = _class_tree(root / "test", {"ant": 2, "bee": 1, "cow": 2}, seed=1)
+    return train, test
+
+
+def test_data_spec_json_round_trip():
+    spec = DataSpec("folder", "/data/x", image_size=32, channels=3, resize="crop", test_fraction=0.25,
+                    split_seed=7, layout="single", classes=("a", "b"), shape=(3, 32, 32), fingerprint="ab")
+    blob = json.dumps(spec.to_json())
+    assert DataSpec.from_json(json.loads(blob)) == spec
+    assert DataSpec.from_json(blob) == spec
+    assert json.loads(blob)["classes"] == ["a", "b"]
+    assert DataSpec.from_json(DataSpec().to_json()) == DataSpec()
+    with pytest.raises(ValueError, match="unknown field"):
+        DataSpec.from_json({**spec.to_json(), "colour": True})
+
+
+@pytest.mark.parametrize("bad", [
+    {"dataset": "imagenet"}, {"channels": 2}, {"resize": "squash"}, {"image_size": 0}, {"image_size": 2.5},
+    {"test_fraction": 1.0}, {"layout": "nested"}, {"dataset": "folder"},
+])
+def test_data_spec_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        DataSpec(**bad)
+
+
+def test_folder_train_test_layout_loads_with_notes(tmp_path):
+    """root/train + root/test: refused before; now mixed sizes, RGB kept,
+    channels inferred, and each conversion said."""
+    train_files, test_files = _train_test_tree(tmp_path)
+    spec = DataSpec("folder", str(tmp_path), image_size=6)
+    train = load_split(spec, "train")
+    assert train.classes == ("ant", "bee", "cow")
+    assert train.images.shape == (12, 3, 6, 6)
+    assert train.labels.tolist() == [0] * 4 + [1] * 3 + [2] * 5
+    notes = " | ".join(train.notes)
+    assert "inferred channels=3: 2 of 12 training images are stored in colour" in notes
+    assert "resized 3 image(s) to 6x6 (pad" in notes
+    assert "repeated the grey channel of 10 image(s)" in notes
+    assert train.spec.layout == "train-test" and train.spec.channels == 3 and train.spec.shape == (3, 6, 6)
+    rgb_path = tmp_path / "train" / "bee" / "bee-0.png"
+    assert torch.equal(train.images[4], torch.from_numpy(train_files[rgb_path] / np.float32(255)).permute(2, 0, 1))
+    test = load_split(spec, "test")
+    assert test.images.shape == (5, 3, 6, 6) and test.labels.tolist() == [0, 0, 1, 2, 2]
+    assert load_dataset("folder", "test", tmp_path, size=6).labels.tolist() == [0, 0, 1, 2, 2]
+
+
+def test_folder_grey_on_request_says_so(tmp_path):
+    _train_test_tree(tmp_path)
+    train = load_split(DataSpec("folder", tmp_path, image_size=6, channels=1), "train")
+    assert train.images.shape == (12, 1, 6, 6)
+    assert any(n.startswith("converted 2 colour image(s) to grey") and "bee/bee-0.png" in n for n in train.notes)
+
+
+def test_folder_inferred_grey_when_no_colour(tmp_path):
+    _class_tree(tmp_path, {"a": 3, "b": 3})
+    data = load_split(DataSpec("folder", tmp_path), "train")
+    assert data.shape == (1, 6, 6)
+    assert "inferred channels=1: all 5 training images are grey" in data.notes  # 1 of 6 held out
+
+
+def test_folder_test_folder_classes_checked(tmp_path):
+    _train_test_tree(tmp_path)
+    _class_tree(tmp_path / "test", {"dog": 1})
+    with pytest.raises(DatasetError) as excinfo:
+        load_split(DataSpec("folder", tmp_path, image_size=6), "test")
+    assert str(tmp_path / "test" / "dog") in str(excinfo.value) and "not one of the training classes" in str(excinfo.value)
+    shutil.rmtree(tmp_path / "test" / "dog")
+    shutil.rmtree(tmp_path / "test" / "bee")
+    test = load_split(DataSpec("folder", tmp_path, image_size=6), "test")
+    assert test.classes == ("ant", "bee", "cow") and test.labels.tolist() == [0, 0, 2, 2]
+    assert any("no images of class(es) ['bee']" in note for note in test.notes)
+
+
+def test_folder_half_layout_refused(tmp_path):
+    _class_tree(tmp_path, {"train": 2, "zebra": 2})  # a class called 'train', or a test/ forgotten?
+    with pytest.raises(DatasetError, match="has train/ but no test/") as excinfo:
+        load_split(DataSpec("folder", tmp_path), "train")
+    assert str(tmp_path) in str(excinfo.value)
+    assert load_split(DataSpec("folder", tmp_path, layout="single"), "train").classes == ("train", "zebra")
+
+
+def test_single_folder_held_out_test_split(tmp_path):
+    _class_tree(tmp_path, {"a": 20, "b": 10, "c": 5})
+    spec = DataSpec("folder", tmp_path, test_fraction=0.2, split_seed=3)
+    train, test = load_split(spec, "train"), load_split(spec, "test")
+    assert len(test) == 7 and len(train) == 28
+    assert class_counts(test.labels) == {0: 4, 1: 2, 2: 1}  # 20 % of each class
+    train_rows = {tuple(r) for r in train.images.flatten(1).tolist()}
+    test_rows = {tuple(r) for r in test.images.flatten(1).tolist()}
+    assert train_rows.isdisjoint(test_rows) and len(train_rows | test_rows) == 35
+    assert any("held out with seed 3" in note for note in test.notes)
+    again = load_split(DataSpec.from_json(test.spec.to_json()), "test")
+    assert torch.equal(again.images, test.images)
+    other = load_split(DataSpec("folder", tmp_path, test_fraction=0.2, split_seed=4), "test")
+    assert not torch.equal(other.images, test.images)
+
+
+def test_recorded_spec_refuses_changed_folder(tmp_path):
+    _class_tree(tmp_path, {"a": 5, "b": 5})
+    recorded = resolve_spec(DataSpec("folder", tmp_path))
+    assert recorded.fingerprint and recorded.classes == ("a", "b") and recorded.shape == (1, 6, 6)
+    assert len(load_split(recorded, "train")) == 8
+    _save(tmp_path / "a" / "new.png", np.zeros((6, 6), np.uint8))
+    with pytest.raises(DatasetError, match="leak"):
+        load_split(recorded, "test")
+    (tmp_path / "a" / "new.png").unlink()
+    shutil.move(str(tmp_path / "b"), str(tmp_path / "c"))
+    with pytest.raises(DatasetError, match="classes"):
+        load_split(replace(recorded, fingerprint=None), "train")
+
+
+def test_recorded_shape_resizes_test_images_of_another_size(tmp_path):
+    _class_tree(tmp_path / "train", {"a": 2, "b": 2}, size=lambda c, i: (7, 5))  # 7 wide, 5 high
+    _class_tree(tmp_path / "test", {"a": 1, "b": 1}, size=lambda c, i: (14, 10))
+    spec = resolve_spec(DataSpec("folder", tmp_path, resize="stretch"))
+    assert spec.shape == (1, 5, 7)  # non-square kept as it is
+    test = load_split(spec, "test")
+    assert test.shape == (1, 5, 7) and any(note.startswith("resized 2 image(s) to 7x5") for note in test.notes)
+    with pytest.raises(DatasetError) as excinfo:
+        load_split(replace(spec, resize="none"), "test")
+    assert str(tmp_path / "test" / "a" / "a-0.png") in str(excinfo.value) and "resize='none'" in str(excinfo.value)
+
+
+def test_fit_size_pad_centres_and_fills_with_border_mean():
+    array = np.arange(8, dtype=np.float32).reshape(4, 2, 1) / 10  # 2 wide, 4 high
+    out = fit_size(array, (4, 4), "pad")
+    assert out.shape == (4, 4, 1)
+    assert np.array_equal(out[:, 1:3], array)  # scale 1: copied, centred
+    border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]]).mean()
+    assert np.allclose(out[:, 0], border) and np.allclose(out[:, 3], border)
+    black = np.zeros((3, 9, 1), np.float32)
+    black[1, 3:6] = 1.0  # a bright mark on a black background
+    padded = fit_size(black, (6, 6), "pad")  # scale 2/3: 6 wide, 2 high, rows 2..3
+    assert padded.shape == (6, 6, 1) and float(padded[0].max()) == 0.0 and float(padded[5].max()) == 0.0
+    assert float(padded[2:4].max()) > 0.0
+
+
+def test_fit_size_crop_stretch_none():
+    array = np.arange(24, dtype=np.float32).reshape(4, 6, 1) / 24  # 6 wide, 4 high
+    assert np.array_equal(fit_size(array, (4, 4), "crop"), array[:, 1:5])  # centre square
+    stretched = fit_size(array, (4, 4), "stretch")
+    assert stretched.shape == (4, 4, 1) and 0.0 <= stretched.min() and stretched.max() <= 1.0
+    assert fit_size(array, (4, 6), "none") is array
+    with pytest.raises(DatasetError, match="x.png: 6x4 pixels, expected 4x4"):
+        fit_size(array, (4, 4), "none", where="x.png")
+    tall = fit_size(np.ones((9, 3, 1), np.float32), (5, 5), "crop")
+    assert tall.shape == (5, 5, 1) and np.allclose(tall, 1.0)
+
+
+def test_folder_rgb_crop_keeps_colour(tmp_path):
+    red = np.zeros((4, 8, 3), np.uint8)
+    red[..., 0] = 255
+    _save(tmp_path / "r" / "wide.png", red)
+    _save(tmp_path / "g" / "tall.jpg", np.full((8, 4, 3), (0, 200, 0), np.uint8), quality=95)
+    data = load_image_folder(tmp_path, channels=None, size=4, resize="crop")
+    assert data.shape == (3, 4, 4)
+    assert torch.allclose(data.images[1, 0], torch.ones(4, 4)) and float(data.images[1, 1:].max()) == 0.0
+    assert float(data.images[0, 1].mean()) > 0.7 and float(data.images[0, 0].max()) < 0.1
+
+
+# ----------------------------------------------------- odd and bad images
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+@pytest.mark.parametrize("fault", ["garbage", "truncated-png", "truncated-jpeg", "zero-size", "empty-file"])
+def test_bad_image_files_name_the_file(tmp_path, fault):
+    _class_tree(tmp_path, {"a": 2, "b": 2})
+    victim = tmp_path / "b" / ("bad.jpg" if "jpeg" in fault else "bad.png")
+    if fault == "garbage":
+        victim.write_bytes(b"GIF89a but not really")
+    elif fault == "truncated-png":
+        victim.write_bytes((tmp_path / "a" / "a-0.png").read_bytes()[:60])
+    elif fault == "truncated-jpeg":
+        _save(tmp_path / "full.jpg", np.random.default_rng(0).integers(0, 256, (6, 6), dtype=np.uint8))
+        victim.write_bytes((tmp_path / "full.jpg").read_bytes()[:-40])
+    elif fault == "zero-size":
+        header = struct.pack(">IIBBBBB", 0, 6, 8, 0, 0, 0, 0)
+        victim.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b""))
+    else:
+        victim.write_bytes(b"")
+    for load in (lambda: load_image_folder(tmp_path, channels=1), lambda: load_split(DataSpec("folder", tmp_path), "test")):
+        with pytest.raises(DatasetError) as excinfo:
+            load()
+        assert str(victim) in str(excinfo.value)
+
+
+def test_deep_and_float_images(tmp_path):
+    deep = (np.arange(36, dtype=np.uint16) * 1800).reshape(6, 6)
+    _save(tmp_path / "a" / "deep.png", deep)
+    _save(tmp_path / "b" / "plain.png", np.full((6, 6), 51, np.uint8))
+    data = load_image_folder(tmp_path, channels=1)
+    assert torch.allclose(data.images[0, 0], torch.from_numpy(deep / np.float32(65535)))
+    assert any(n.startswith("scaled 1 16-bit image(s) to [0, 1]") and "a/deep.png" in n for n in data.notes)
+    floaty = _save(tmp_path / "b" / "float.tif", np.zeros((6, 6), np.float32))
+    with pytest.raises(DatasetError, match="floating-point") as excinfo:
+        load_image_folder(tmp_path)
+    assert str(floaty) in str(excinfo.value)
+    floaty.unlink()
+    wide = _save(tmp_path / "b" / "wide.tif", np.full((6, 6), 70000, np.int32))
+    with pytest.raises(DatasetError, match="do not fit 16 bits") as excinfo:
+        load_image_folder(tmp_path)
+    assert str(wide) in str(excinfo.value)
+
+
+def test_animated_alpha_palette_cmyk_are_converted_and_noted(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    frames = [Image.fromarray(np.full((6, 6), v, np.uint8)) for v in (10, 200)]
+    frames[0].save(tmp_path / "a" / "anim.gif", save_all=True, append_images=frames[1:])
+    la = np.stack([np.full((6, 6), 200, np.uint8), np.tile(np.array([0, 255, 128, 255, 0, 255], np.uint8), (6, 1))], -1)
+    _save(tmp_path / "a" / "la.png", la, mode="LA")
+    palette = Image.fromarray(np.tile(np.array([0, 1, 2, 1, 0, 2], np.uint8), (6, 1)), mode="P")
+    palette.putpalette([255, 255, 255, 255, 0, 0, 0, 0, 255])
+    palette.save(tmp_path / "b" / "pal.png", transparency=0)
+    _save(tmp_path / "b" / "cmyk.jpg", np.zeros((6, 6, 4), np.uint8), mode="CMYK")
+    data = load_image_folder(tmp_path, channels=None)
+    assert data.shape == (3, 6, 6)  # the palette is coloured: 3 channels inferred
+    notes = " | ".join(data.notes)
+    assert "took the first frame of 1 animated image(s) (a/anim.gif)" in notes
+    assert "composited 2 image(s) with transparency onto black (a/la.png, b/pal.png)" in notes
+    assert "converted 1 image(s) from mode CMYK to RGB (b/cmyk.jpg)" in notes
+    anim, la_image, cmyk, pal = data.images  # sorted: a/anim.gif, a/la.png, b/cmyk.jpg, b/pal.png
+    assert torch.allclose(anim, torch.full((3, 6, 6), 10 / 255))
+    assert torch.equal(la_image[:, 0, 0], torch.zeros(3))  # alpha 0 on black
+    assert torch.allclose(la_image[:, 0, 1], torch.full((3,), 200 / 255))  # opaque
+    assert torch.equal(pal[:, 0, 0], torch.zeros(3))  # transparent palette entry -> black
+    assert torch.equal(pal[:, 0, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert float(cmyk.min()) > 0.9  # CMYK 0 ink is white
+
+
+def test_hidden_and_non_image_entries(tmp_path):
+    _class_tree(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "a" / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    data = load_image_folder(tmp_path)
+    assert data.classes == ("a", "b") and len(data) == 4
+    assert any("ignored 1 entries that are not image files (a/readme.txt)" in note for note in data.notes)
+
+
+def test_load_image_folder_refuses_train_test_root(tmp_path):
+    _train_test_tree(tmp_path)
+    with pytest.raises(DatasetError, match="load_split"):
+        load_image_folder(tmp_path)
+
+
+# -------------------------------------------- fixed datasets, statistics
+
+
+def test_fixed_dataset_channels_and_size_conversions(fmnist_test):
+    spec = DataSpec("fashion-mnist", channels=3, image_size=32)
+    data = load_split(spec, "test")
+    assert data.shape == (3, 32, 32) and len(data) == 10000
+    assert torch.equal(data.images[:, 0], data.images[:, 2])
+    assert any("repeated the grey channel of 10000 images" in n for n in data.notes)
+    assert any("resized 10000 images from 28x28 to 32x32" in n for n in data.notes)
+    assert data.spec.shape == (3, 32, 32) and data.spec.classes == FASHION_MNIST_CLASSES
+    plain = load_split(DataSpec("fashion-mnist"), "test")
+    assert plain.notes == [] and torch.equal(plain.images, fmnist_test.images)
+    with pytest.raises(DatasetError, match="resize='none'"):
+        load_split(DataSpec("fashion-mnist", image_size=32, resize="none"), "test")
+    with pytest.raises(DatasetError, match="recorded"):
+        load_split(DataSpec("fashion-mnist", shape=(1, 32, 32)), "test")
+
+
+def test_cifar_to_grey_uses_luma(cifar_dir):
+    root = cifar_dir[0]
+    colour = load_cifar10(root, "test").images
+    grey = load_split(DataSpec("cifar10", str(root), channels=1), "test")
+    expected = 0.299 * colour[:, 0] + 0.587 * colour[:, 1] + 0.114 * colour[:, 2]
+    assert grey.shape == (1, 32, 32) and torch.allclose(grey.images[:, 0], expected, atol=1e-6)
+    assert any("converted 2 colour images to grey" in n for n in grey.notes)
+
+
+def test_normalisation_stats_float64_per_channel(fmnist_test):
+    rng = np.random.default_rng(0)
+    array = rng.random((9, 3, 5, 4)).astype(np.float32)
+    mean, std = normalisation_stats(torch.from_numpy(array))
+    flat = array.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+    assert len(mean) == 3 and np.allclose(mean, flat.mean(1), atol=1e-12) and np.allclose(std, flat.std(1), atol=1e-12)
+    real_mean, real_std = normalisation_stats(fmnist_test.subset(torch.arange(2000)))
+    pixels = fmnist_test.images[:2000].double()
+    assert abs(real_mean[0] - float(pixels.mean())) < 1e-12 and abs(real_std[0] - float(pixels.std(unbiased=False))) < 1e-9
+    assert 0.25 < real_mean[0] < 0.32 and 0.32 < real_std[0] < 0.38  # Fashion-MNIST's known statistics
+    with pytest.raises(DatasetError, match="std 0"):
+        normalisation_stats(torch.zeros(2, 1, 3, 3))
+
+
+def test_image_set_sample_is_stratified_and_seeded(fmnist_test):
+    correct = fmnist_test.labels % 4 != 0  # stands in for "correctly classified"
+    chosen = fmnist_test.sample(40, seed=0, mask=correct)
+    assert len(chosen) == 40 and bool((chosen.labels % 4 != 0).all())
+    counts = class_counts(chosen.labels)
+    assert len(counts) == 7 and max(counts.values()) - min(counts.values()) <= 1
+    assert torch.equal(fmnist_test.sample(40, seed=0, mask=correct).labels, chosen.labels)

@@ -10,14 +10,15 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from pathguard.detector.artifacts import ArtifactError, atomic_save_tensors, load_tensors
-from pathguard.detector.baselines import Mahalanobis, max_softmax_score, mle_lid
-from pathguard.detector.bundle import load_bundle
-from pathguard.detector.fit import PROFILE_TENSORS, load_detector, save_detector
+from pathguard.detector.base import Detector, NotFittedError
+from pathguard.detector.baselines import Mahalanobis, MaxSoftmax, mle_lid
+from pathguard.detector.bundle import load_bundle, load_detector, save_detector
+from pathguard.detector.detectors import make_detector
 from pathguard.detector.metrics import detection_metrics, tpr_at_fpr
 from pathguard.detector.models import Architecture, ConvNet
 from pathguard.detector.paths import PathBatch, extract_paths
 from pathguard.detector.profile import PathProfile, ProfileMismatch
-from pathguard.detector.scores import SCORES, PathDetector
+from pathguard.detector.scores import PATH_SCORES
 
 WIDTHS = [6, 10]
 D = sum(WIDTHS)
@@ -35,7 +36,7 @@ def synthetic_paths(n: int, num_classes: int = 3, seed: int = 0, flip: float = 0
     logits = torch.full((n, num_classes), -2.0)
     logits[torch.arange(n), labels] = 4.0
     logits += 0.1 * torch.randn(n, num_classes, generator=gen)
-    return PathBatch(logits, paths, gate_logits, torch.randn(n, 4, generator=gen))
+    return PathBatch(logits, paths, gate_logits, torch.randn(n, 4, generator=gen), WIDTHS)
 
 
 def test_metrics_agree_with_sklearn():
@@ -56,12 +57,12 @@ def test_metrics_agree_with_sklearn():
         detection_metrics([np.nan], [1.0])
 
 
-@pytest.mark.parametrize("score", SCORES)
+@pytest.mark.parametrize("score", PATH_SCORES)
 def test_moved_path_scores_higher(score):
     clean = synthetic_paths(600)
-    det = PathDetector(score=score).fit(clean, WIDTHS, 3).calibrate(synthetic_paths(300, seed=1))
+    det = make_detector(score).fit(clean).calibrate(synthetic_paths(300, seed=1))
     probe = synthetic_paths(30, seed=2)
-    moved = PathBatch(probe.logits, 1 - probe.paths, -probe.gate_logits, probe.features)
+    moved = PathBatch(probe.logits, 1 - probe.paths, -probe.gate_logits, probe.features, WIDTHS)
     original_scores = det.score_samples(probe)
     moved_scores = det.score_samples(moved)
     assert (moved_scores > original_scores).all()
@@ -72,7 +73,7 @@ def test_moved_path_scores_higher(score):
 
 def test_profile_counts_and_frequencies_are_per_predicted_class():
     batch = synthetic_paths(90, flip=0.0)
-    profile = PathProfile.fit(batch, WIDTHS, 3, smoothing=1.0)
+    profile = PathProfile.fit(batch, smoothing=1.0)
     assert profile.counts.tolist() == [30.0, 30.0, 30.0]
     # A gate always on in a class: (30 + 1) / (30 + 2).
     expected = (batch.paths[:3] * 30 + 1) / 32
@@ -80,25 +81,15 @@ def test_profile_counts_and_frequencies_are_per_predicted_class():
     assert torch.equal(profile.class_paths, batch.paths[:3])
 
 
-def test_detector_save_load_round_trip_is_exact(tmp_path):
-    det = PathDetector(score="layer-gauss").fit(synthetic_paths(300), WIDTHS, 3).calibrate(synthetic_paths(100, seed=1))
-    path = tmp_path / "p.safetensors"
-    atomic_save_tensors(path, det.to_tensors())
-    loaded = PathDetector.from_saved(json.loads(json.dumps(det.config())), load_tensors(path))
-    for key, value in det.to_tensors().items():
-        assert torch.equal(value, loaded.to_tensors()[key]), key
-    probe = synthetic_paths(50, seed=5)
-    assert np.array_equal(det.score_samples(probe), loaded.score_samples(probe))
-    assert loaded.threshold == det.threshold
-
-
 def test_invalid_parameters_are_rejected():
-    with pytest.raises(ValueError, match="unknown score"):
-        PathDetector(score="nope")
+    with pytest.raises(ValueError, match="unknown detector"):
+        make_detector("nope")
     with pytest.raises(ValueError, match="target_fpr"):
-        PathDetector(target_fpr=1.5)
-    with pytest.raises(RuntimeError, match="not fitted"):
-        PathDetector().score_samples(synthetic_paths(3))
+        make_detector("jaccard", target_fpr=1.5).fit(synthetic_paths(30))
+    with pytest.raises(ValueError, match="smoothing"):
+        make_detector("bernoulli", smoothing=0).fit(synthetic_paths(30))
+    with pytest.raises(NotFittedError, match="not fitted"):
+        make_detector("jaccard").score_samples(synthetic_paths(3))
 
 
 def tiny_bundle(tmp_path, layers):
@@ -114,14 +105,13 @@ def test_profile_of_another_model_is_refused(tmp_path):
     path = tiny_bundle(tmp_path, (4, "M", 8, 8, "M"))
     bundle = load_bundle(path)
     images = torch.rand(40, 1, 28, 28)
-    det = PathDetector().fit(extract_paths(bundle.decoupled, images), bundle.decoupled.gated_widths, 10)
+    det = make_detector("layer-gauss-conf").fit(extract_paths(bundle.decoupled, images))
     det.calibrate(extract_paths(bundle.decoupled, images))
     save_detector(path, det, {})
-    assert load_detector(load_bundle(path)).threshold == det.threshold
+    assert load_detector(load_bundle(path)).threshold_ == det.threshold_
 
     # A profile fitted for other layer sizes: load must fail and say why.
-    other = PathDetector().fit(synthetic_paths(60), WIDTHS, 10)
-    other.threshold = 1.0
+    other = make_detector("layer-gauss-conf").fit(synthetic_paths(60)).calibrate(synthetic_paths(60, seed=1))
     save_detector(path, other, {})
     with pytest.raises(ArtifactError, match="does not match the model.*widths"):
         load_detector(load_bundle(path))
@@ -129,7 +119,7 @@ def test_profile_of_another_model_is_refused(tmp_path):
 
 def test_profile_rejects_paths_of_wrong_width():
     with pytest.raises(ProfileMismatch):
-        PathProfile.fit(synthetic_paths(30), [3, 3], 3)
+        PathProfile.fit(PathBatch(**{**vars(synthetic_paths(30)), "widths": [3, 3]}))
 
 
 def test_mahalanobis_and_msp_baselines():
@@ -137,13 +127,18 @@ def test_mahalanobis_and_msp_baselines():
     labels = torch.arange(600) % 3
     means = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0]])
     feats = means[labels] + torch.randn(600, 2, generator=gen)
-    maha = Mahalanobis().fit(feats, labels, 3)
-    assert torch.allclose(maha.means.float(), means, atol=0.25)
-    near, far = maha.score_samples(torch.tensor([[5.0, 0.1]])), maha.score_samples(torch.tensor([[20.0, 20.0]]))
-    assert far[0] > near[0] * 10
+    clean = PathBatch(torch.zeros(600, 3), torch.zeros(600, 0), torch.zeros(600, 0), feats, [], labels=labels)
+    maha = Mahalanobis().fit(clean)
+    assert torch.allclose(maha.means_.float(), means, atol=0.25)
+
+    def at(point):
+        return PathBatch(torch.zeros(1, 3), torch.zeros(1, 0), torch.zeros(1, 0), torch.tensor([point]), [])
+
+    assert maha.score_samples(at([20.0, 20.0]))[0] > maha.score_samples(at([5.0, 0.1]))[0] * 10
     logits = torch.tensor([[10.0, 0.0], [0.1, 0.0]])
-    s = max_softmax_score(logits)
-    assert s[1] > s[0]  # the unsure prediction is more suspicious
+    s = MaxSoftmax().fit(PathBatch(logits, torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 1), []))
+    scores = s.score_samples(PathBatch(logits, torch.zeros(2, 0), torch.zeros(2, 0), torch.zeros(2, 1), []))
+    assert scores[1] > scores[0]  # the unsure prediction is more suspicious
 
 
 def test_lid_estimate_tracks_intrinsic_dimension():
@@ -159,7 +154,7 @@ def test_profile_missing_from_the_manifest_is_refused(tmp_path):
     path = tiny_bundle(tmp_path, (4, "M", 8, 8, "M"))
     bundle = load_bundle(path)
     images = torch.rand(40, 1, 28, 28)
-    det = PathDetector().fit(extract_paths(bundle.decoupled, images), bundle.decoupled.gated_widths, 10)
+    det = make_detector("jaccard").fit(extract_paths(bundle.decoupled, images))
     save_detector(path, det.calibrate(extract_paths(bundle.decoupled, images)), {})
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["files"]["profile.json"], manifest["files"]["profile.safetensors"]

@@ -7,9 +7,8 @@ import math
 
 import pytest
 
-from pathguard.detector.bundle import load_bundle
-from pathguard.detector.fit import load_detector
-from pathguard.detector.scores import SCORES
+from pathguard.detector.bundle import load_bundle, load_detector
+from pathguard.detector.scores import PATH_SCORES
 from pathguard.cli import main
 
 
@@ -36,11 +35,12 @@ def _finite(obj):
 def test_fit_writes_profile_threshold_and_ablation(fitted_bundle):
     bundle = load_bundle(fitted_bundle)  # manifest still verifies after fit
     detector = load_detector(bundle)
-    assert detector.threshold is not None and math.isfinite(detector.threshold)
+    assert detector.threshold_ is not None and math.isfinite(detector.threshold_)
     profile = json.loads((fitted_bundle / "profile.json").read_text())
-    assert profile["ablation"]["chosen"] == detector.score
-    assert set(profile["ablation"]["results"]) == set(SCORES)
-    assert bundle.card["detector"]["score"] == detector.score
+    assert profile["version"] == 2 and profile["detector"] == detector.name
+    assert profile["ablation"]["chosen"] == detector.name
+    assert set(profile["ablation"]["results"]) == set(PATH_SCORES)
+    assert bundle.card["detector"]["score"] == detector.name
 
 
 def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
@@ -68,8 +68,8 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
 
 def test_evaluate_adaptive_quick_reports_each_setting(fitted_bundle, tmp_path):
     out = tmp_path / "adaptive"
-    assert main(["evaluate", "--adaptive", "--quick", "--quick-n", "20", "--bundle", str(fitted_bundle),
-                 "--output", str(out), "--adaptive-lambdas", "0", "3", "--adaptive-eps", "0.1"]) == 0
+    assert main(["adaptive", "--quick", "--n", "20", "--bundle", str(fitted_bundle),
+                 "--output", str(out), "--lambdas", "0", "3", "--eps", "0.1"]) == 0
     report = json.loads((out / "adaptive.json").read_text())
     assert [(r["eps"], r["lambda"]) for r in report["settings"]] == [(0.1, 0.0), (0.1, 3.0)]
     for row in report["settings"]:

@@ -4,7 +4,6 @@ real Fashion-MNIST test images, through the function and through the CLI."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -16,17 +15,16 @@ from PIL import Image
 
 from pathguard.detector.bundle import load_bundle, write_bundle
 from pathguard.detector.data import FASHION_MNIST_CLASSES, DatasetError
-from pathguard.detector.explain import (
+from pathguard.cli import build_parser, config_from_args
+from pathguard.detector.interpret import (
     class_on_frequency,
-    configure,
     effective_path_similarity,
-    explain,
-    layer_jaccard,
     pairwise_class_jaccard,
-    run,
     specific_filters,
     specificity,
 )
+from pathguard.detector.paths import layer_jaccard
+from pathguard.jobs.explain import Config, explain, run
 from pathguard.detector.models import ConvNet
 from pathguard.detector.paths import extract_paths
 
@@ -291,17 +289,16 @@ def test_image_path_json(explained, fmnist_test):
 
 
 def test_cli_run_via_argparse(tiny_bundle, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    configure(parser)
-    defaults = parser.parse_args([])
+    parser = build_parser()
+    defaults = config_from_args(Config, parser.parse_args(["explain"]))
     assert (defaults.dataset, defaults.split, defaults.n, defaults.image_index, defaults.output, defaults.top_k) == (
         "fashion-mnist", "test", 2000, 0, "reports/explain", 5)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--n", "0"])
+    with pytest.raises(ValueError, match="n: must be >= 1"):
+        run(config_from_args(Config, parser.parse_args(["explain", "--n", "0"])))
 
     out = tmp_path / "cli"
-    args = parser.parse_args(["--bundle", str(tiny_bundle.path), "--n", "40", "--image-index", "123",
-                              "--top-k", "3", "--output", str(out)])
+    args = config_from_args(Config, parser.parse_args(["explain", "--bundle", str(tiny_bundle.path), "--n", "40",
+                                                       "--image-index", "123", "--top-k", "3", "--output", str(out)]))
     result = run(args)
     printed = capsys.readouterr().out
     assert "image 123" in printed and "image_123_path.png" in printed

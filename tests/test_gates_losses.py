@@ -131,8 +131,8 @@ def test_acm_hidden_width_at_least_one():
 
 
 def test_every_filter_starts_on_in_decoupled_net():
-    """design.md §1: the ACM initialisation is such that "every filter
-    starts switched on", so the freshly built decoupled net computes what
+    """docs/method.md, "Decoupled network": the ACM is initialised so that
+    every filter starts switched on, so the freshly built decoupled net computes what
     the plain net it is copied from computes."""
     torch.manual_seed(0)
     model = ConvNet(ARCHITECTURES["vgg-small"], gated=True).eval()

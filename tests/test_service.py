@@ -279,7 +279,7 @@ def test_health_ready_model_and_metrics(client, bundle):
     assert model["input_shape"] == [1, 28, 28]
     assert model["gated_widths"] == inspector.model.gated_widths
     assert model["path_bits"] == sum(inspector.model.gated_widths)
-    assert model["detector"] == {"score": "layer-gauss-conf", "threshold": inspector.detector.threshold,
+    assert model["detector"] == {"score": "layer-gauss-conf", "threshold": inspector.detector.threshold_,
                                  "target_fpr": 0.05}
     assert model["card"]["test"]["decoupled_accuracy"] == inspector.bundle.card["test"]["decoupled_accuracy"]
     assert model["limits"]["max_images"] == 32
@@ -364,6 +364,23 @@ def test_no_api_key_means_open_access(client):
     assert client.post("/detect", files=multipart_files(fmnist_images(1))).status_code == 200
 
 
+def test_access_is_a_real_dependency_that_dependency_overrides_replaces(bundle):
+    from pathguard.service.dependencies import require_key
+    from pathguard.service.settings import Settings
+
+    settings = Settings(bundle=bundle, api_key="s3cret-key-for-tests", protect_metrics=True, torch_threads=1)
+    live = LiveServer(settings)
+    live.app.dependency_overrides[require_key] = lambda: None
+    image = fmnist_images(1)
+    with live, httpx.Client(base_url=live.url, timeout=60) as c:
+        detect = c.post("/detect", files=multipart_files(image))
+        assert detect.status_code == 200, detect.text
+        assert_matches(detect.json()["results"][0], offline_inspector(bundle).inspect(image)[0], index=0)
+        assert c.get("/model").status_code == 200
+        # /metrics has its own dependency, which is not overridden: still guarded.
+        assert c.get("/metrics").status_code == 401
+
+
 # ----------------------------------------------------------- lifecycle
 
 
@@ -420,16 +437,11 @@ def test_tampered_or_incomplete_bundle_stops_startup(bundle, tmp_path):
 
 
 def test_cli_refuses_a_tampered_bundle_with_a_clear_message(bundle, tmp_path, capsys):
-    import argparse
-
-    from pathguard.service import cli
+    from pathguard.cli import main
 
     tampered = copy_bundle(bundle, tmp_path / "tampered")
     (tampered / "model_card.json").write_text("{}")
-    parser = argparse.ArgumentParser()
-    cli.configure(parser)
-    args = parser.parse_args(["--bundle", str(tampered), "--port", "0"])
-    assert cli.run(args) == 2
+    assert main(["serve", "--bundle", str(tampered), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "cannot serve bundle" in err and "model_card.json: SHA-256 mismatch" in err
 
@@ -455,7 +467,7 @@ def test_ready_is_503_until_the_model_is_loaded(bundle):
 def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(bundle):
     env = dict(os.environ, PATHGUARD_BUNDLE=str(bundle), PATHGUARD_PORT="0", PATHGUARD_BATCH_WAIT_MS="3000",
                PATHGUARD_TORCH_THREADS="1", PATHGUARD_LOG_LEVEL="info")
-    proc = subprocess.Popen([sys.executable, "-m", "service.server"], cwd=REPO_ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "pathguard.service.server"], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     log: list[str] = []
@@ -535,15 +547,13 @@ def test_settings_from_environment_and_validation(monkeypatch, bundle):
 
 
 def test_cli_options_override_the_environment(monkeypatch, bundle):
-    import argparse
-
-    from pathguard.service import cli
+    from pathguard.cli import build_parser, config_from_args
+    from pathguard.jobs import serve
 
     monkeypatch.setenv("PATHGUARD_PORT", "9999")
     monkeypatch.setenv("PATHGUARD_HOST", "0.0.0.0")
-    parser = argparse.ArgumentParser()
-    cli.configure(parser)
-    s = cli.settings_from_args(parser.parse_args(["--bundle", str(bundle), "--port", "8123", "--no-batching"]))
+    args = build_parser().parse_args(["serve", "--bundle", str(bundle), "--port", "8123", "--no-batching"])
+    s = serve.settings_from(config_from_args(serve.Config, args))
     assert (s.bundle, s.port, s.host, s.batching) == (bundle, 8123, "0.0.0.0", False)
 
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from pathguard.attacks.generate import generate_attack_set
 from pathguard.detector.bundle import DEFAULT_BUNDLE
 from pathguard.detector.data import load_dataset
-from pathguard.detector.inference import Inspector
+from pathguard.detector.inspection import Inspector
 from pathguard.service.app import create_app
 from pathguard.service.settings import Settings
 from service_fixtures import png_of

@@ -12,7 +12,8 @@ import torch
 from pathguard.detector.artifacts import read_json, verify_manifest
 from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
 from pathguard.detector.paths import extract_paths
-from pathguard.detector.train import TrainConfig, augment_batch, evaluate_accuracy, train
+from pathguard.detector.measure import evaluate_accuracy
+from pathguard.jobs.train import Config as TrainConfig, augment_batch, train
 
 LIMIT_TRAIN, LIMIT_TEST = 600, 200
 

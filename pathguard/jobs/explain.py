@@ -17,7 +17,7 @@ and a set of images (by default the first 2,000 of the test split):
     and the per-layer deviation 1 - Jaccard(image bits, class path), next to
     the median deviation of the class's own images for scale.
 
-Choices (written down as design.md asks):
+Choices (docs/method.md asks for them to be written down):
 
 * On-frequencies are the raw fractions of the chosen images, without the
   Laplace smoothing of the detector's profile (profile.py): they describe
@@ -36,7 +36,6 @@ no global backend switch) and written atomically like every artifact.
 
 from __future__ import annotations
 
-import argparse
 import io
 import time
 from dataclasses import dataclass
@@ -45,170 +44,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import atomic_write_bytes, atomic_write_json
-from .paths import extract_paths, jaccard_matrix, split_layers
+from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
+from pathguard.detector.bundle import load_bundle
+from pathguard.detector.data import DatasetError, load_dataset
+from pathguard.detector.interpret import (
+    DEFAULT_TOP_K, LayerInfo, class_on_frequency, effective_path_similarity, effective_paths, gated_layers,
+    json_matrix, json_number, json_rows_or_null, pairwise_class_jaccard, specific_filters,
+)
+from pathguard.detector.paths import extract_paths, layer_jaccard
+
+from .config import DEFAULT_BUNDLE_TEXT, check, option
 
 DEFAULT_N = 2000
 DEFAULT_OUTPUT = "reports/explain"
-DEFAULT_TOP_K = 5
 DEFAULT_DPI = 110
 COLOUR_LABEL = "P(filter on | class)"
 EXPLAIN_VERSION = 1
-
-
-# ------------------------------------------------------------ computation
-
-
-@dataclass
-class LayerInfo:
-    name: str    # "conv<k>", k = 1-based position of the convolution
-    block: int   # 0-based index of the convolution in the network
-    width: int   # filters (= gates) in the layer
-    offset: int  # index of its first gate in the concatenated path
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "block": self.block, "width": self.width, "gate_offset": self.offset}
-
-
-def gated_layers(model) -> list[LayerInfo]:
-    """Name, position, width and path offset of each gated convolution."""
-    layers, offset = [], 0
-    for index, block in enumerate(model.blocks):
-        if block.control is None:
-            continue
-        width = block.conv.out_channels
-        layers.append(LayerInfo(f"conv{index + 1}", index, width, offset))
-        offset += width
-    return layers
-
-
-def class_on_frequency(paths: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw on-frequency per predicted class: ((C, D) float64, NaN rows for
-    classes without images; (C,) int64 image counts)."""
-    paths = paths.double()
-    counts = torch.bincount(predictions, minlength=num_classes)
-    on = torch.zeros(num_classes, paths.shape[1], dtype=torch.float64).index_add_(0, predictions, paths)
-    freq = (on / counts.clamp_min(1)[:, None].double()).numpy()
-    freq[counts.numpy() == 0] = np.nan
-    return freq, counts.numpy().astype(np.int64)
-
-
-def effective_paths(on_freq: np.ndarray) -> np.ndarray:
-    """Class effective paths: filters on for more than half of the class's
-    images (profile.PathProfile.class_paths); NaN rows stay all-zero."""
-    return np.nan_to_num(on_freq, nan=0.0) > 0.5
-
-
-def effective_path_similarity(on_freq: np.ndarray, widths: list[int] | None = None) -> np.ndarray:
-    """(C, C) Jaccard similarity of the class effective paths, over all
-    gates or, with ``widths``, a list of per-layer matrices; NaN where a
-    class has no images."""
-    present = ~np.isnan(on_freq).all(axis=1)
-    eff = torch.from_numpy(effective_paths(on_freq).astype(np.float64))
-    parts = [eff] if widths is None else split_layers(eff, widths)
-    out = []
-    for part in parts:
-        sim = jaccard_matrix(part, part).double().numpy()
-        sim[~present, :] = np.nan
-        sim[:, ~present] = np.nan
-        out.append(sim)
-    return out[0] if widths is None else out
-
-
-def pairwise_class_jaccard(paths: torch.Tensor, predictions: torch.Tensor, num_classes: int,
-                           chunk: int = 500) -> np.ndarray:
-    """(C, C) mean Jaccard similarity of individual paths between images
-    predicted as class a and as class b (self-pairs excluded on the
-    diagonal); NaN where there is no pair."""
-    onehot = torch.nn.functional.one_hot(predictions, num_classes).double()
-    sums = torch.zeros(num_classes, num_classes, dtype=torch.float64)
-    for start in range(0, len(paths), chunk):
-        sim = jaccard_matrix(paths[start:start + chunk], paths).double()
-        sums += onehot[start:start + chunk].T @ sim @ onehot
-    n = onehot.sum(0)
-    pairs = n[:, None] * n[None, :] - torch.diag(n)
-    sums -= torch.diag(n)  # every image is Jaccard-1 with itself
-    mean = torch.where(pairs > 0, sums / pairs.clamp_min(1), torch.full_like(sums, float("nan")))
-    return mean.numpy()
-
-
-def specificity(on_freq: np.ndarray) -> np.ndarray:
-    """P(on | c) minus the unweighted mean of P(on | c') over the other
-    classes c' that have images: (C, D); NaN rows for classes without
-    images, and for every class when no other class has images."""
-    present = ~np.isnan(on_freq).all(axis=1)
-    filled = np.nan_to_num(on_freq, nan=0.0)
-    total, n_present = filled[present].sum(axis=0), int(present.sum())
-    out = np.full_like(filled, np.nan)
-    if n_present < 2:
-        return out
-    for c in np.flatnonzero(present):
-        others = (total - filled[c]) / (n_present - 1)
-        out[c] = filled[c] - others
-    return out
-
-
-def specific_filters(on_freq: np.ndarray, widths: list[int], k: int = DEFAULT_TOP_K) -> list[list[list[dict]]]:
-    """For each class and gated layer, the ``k`` filters (fewer if the layer
-    is narrower) with the largest specificity, best first; ties go to the
-    lower filter index.  Classes without images (or without another class
-    to compare with) get empty lists.  Each entry: filter (index in the
-    layer), gate (index in the path), on_frequency, others_mean,
-    specificity."""
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
-    spec = specificity(on_freq)
-    filled = np.nan_to_num(on_freq, nan=0.0)
-    offsets = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
-    result = []
-    for c in range(on_freq.shape[0]):
-        per_layer = []
-        for offset, width in zip(offsets, widths):
-            s = spec[c, offset:offset + width]
-            if np.isnan(s).all():
-                per_layer.append([])
-                continue
-            order = np.lexsort((np.arange(width), -s))[:k]  # by -specificity, then index
-            per_layer.append([{
-                "filter": int(j), "gate": int(offset + j),
-                "on_frequency": _num(filled[c, offset + j]),
-                "others_mean": _num(filled[c, offset + j] - s[j]),
-                "specificity": _num(s[j]),
-            } for j in order])
-        result.append(per_layer)
-    return result
-
-
-def layer_jaccard(bits: np.ndarray, reference: np.ndarray, widths: list[int]) -> np.ndarray:
-    """Per-layer Jaccard similarity of binary rows ``bits`` (N, D) to
-    ``reference`` (N, D) or (D,): (N, L).  Two empty sets count as 1."""
-    bits = np.atleast_2d(bits).astype(bool)
-    reference = np.broadcast_to(np.atleast_2d(reference).astype(bool), bits.shape)
-    out, offset = [], 0
-    for width in widths:
-        v, r = bits[:, offset:offset + width], reference[:, offset:offset + width]
-        inter = (v & r).sum(1)
-        union = (v | r).sum(1)
-        out.append(np.where(union > 0, inter / np.maximum(union, 1), 1.0))
-        offset += width
-    return np.stack(out, axis=1)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _num(x, digits: int = 6):
-    """A JSON-safe float: rounded, NaN -> None."""
-    x = float(x)
-    return None if np.isnan(x) else round(x, digits)
-
-
-def _matrix(a: np.ndarray, digits: int = 6) -> list:
-    return [[_num(x, digits) for x in row] for row in np.asarray(a)]
-
-
-def _rows_or_null(a: np.ndarray, present: np.ndarray, digits: int = 6) -> list:
-    return [[_num(x, digits) for x in row] if ok else None for row, ok in zip(np.asarray(a), present)]
 
 
 def _new_figure(width: float, height: float):
@@ -421,10 +272,11 @@ def image_record(model, image: torch.Tensor, on_freq: np.ndarray, counts: np.nda
     class_freq = on_freq[pred] if has_class else None
     class_path = effective_paths(on_freq)[pred] if has_class else None
     if has_class:
-        jac = layer_jaccard(bits, class_path, widths)[0]
-        overall = float(layer_jaccard(bits, class_path, [sum(widths)])[0, 0])
-        own = batch_paths[batch_pred == pred] > 0.5
-        own_dev = 1.0 - layer_jaccard(own, class_path, widths)
+        reference = torch.from_numpy(class_path)
+        jac = layer_jaccard(single.paths, reference, widths)[0].double().numpy()
+        overall = float(layer_jaccard(single.paths, reference, [sum(widths)])[0, 0])
+        own = torch.from_numpy(batch_paths[batch_pred == pred])
+        own_dev = 1.0 - layer_jaccard(own, reference, widths).double().numpy()
         median_dev = np.median(own_dev, axis=0)
     else:
         jac, overall, median_dev = np.full(len(layers), np.nan), np.nan, np.full(len(layers), np.nan)
@@ -436,14 +288,14 @@ def image_record(model, image: torch.Tensor, on_freq: np.ndarray, counts: np.nda
         entry = {**layer.to_json(), "bits": b.astype(int).tolist(),
                  "active_in_image": int(b.sum()),
                  "class_on_frequency": None, "class_effective_path": None, "active_in_class_path": None,
-                 "jaccard": _num(jac[i]), "deviation": _num(deviation[i]),
-                 "class_median_deviation": _num(median_dev[i]),
-                 "excess_over_class_median": _num(deviation[i] - median_dev[i]),
+                 "jaccard": json_number(jac[i]), "deviation": json_number(deviation[i]),
+                 "class_median_deviation": json_number(median_dev[i]),
+                 "excess_over_class_median": json_number(deviation[i] - median_dev[i]),
                  "extra_filters": None, "missing_filters": None}
         if has_class:
             r = class_path[sl]
             entry.update({
-                "class_on_frequency": [_num(x) for x in class_freq[sl]],
+                "class_on_frequency": [json_number(x) for x in class_freq[sl]],
                 "class_effective_path": r.astype(int).tolist(),
                 "active_in_class_path": int(r.sum()),
                 "extra_filters": np.flatnonzero(b & ~r).tolist(),    # on here, off in the class path
@@ -457,17 +309,99 @@ def image_record(model, image: torch.Tensor, on_freq: np.ndarray, counts: np.nda
         "label_name": None if image_label is None else classes[int(image_label)],
         "predicted": pred,
         "predicted_name": classes[pred],
-        "confidence": _num(probs[pred]),
+        "confidence": json_number(probs[pred]),
         "class_images": int(counts[pred]),
         "path_bits": int(bits.size),
         "active_in_image": int(bits.sum()),
-        "overall_jaccard": _num(overall),
-        "overall_deviation": _num(1.0 - overall),
+        "overall_jaccard": json_number(overall),
+        "overall_deviation": json_number(1.0 - overall),
         "layers": per_layer,
         "most_deviating_layers": [layers[i].name for i in ranked[:n_worst]],
         "deviation_rule": "1 - Jaccard(image bits, class effective path) per layer; the most deviating layers are "
                           f"the (up to {n_worst}) layers of largest deviation above 0",
     }
+
+
+@dataclass
+class _Context:
+    """What every part of an explanation reads."""
+
+    out: Path
+    classes: tuple
+    layers: list[LayerInfo]
+    on_freq: np.ndarray
+    counts: np.ndarray
+    dpi: int
+    files: dict
+
+    @property
+    def widths(self) -> list[int]:
+        return [layer.width for layer in self.layers]
+
+    @property
+    def common(self) -> dict:
+        return {"classes": list(self.classes), "class_counts": self.counts.tolist(),
+                "images": int(self.counts.sum()), "grouping": "predicted class"}
+
+    def write_json(self, key: str, name: str, obj: dict) -> None:
+        self.files[key] = str(atomic_write_json(self.out / name, {"version": EXPLAIN_VERSION, **obj}))
+
+    def layer_slice(self, layer: LayerInfo) -> np.ndarray:
+        return self.on_freq[:, layer.offset:layer.offset + layer.width]
+
+
+def _class_path_maps(ctx: _Context) -> None:
+    """(a) per class and layer, the on-frequency of every filter."""
+    present = ctx.counts > 0
+    effective = effective_paths(ctx.on_freq)
+    ctx.write_json("class_path_maps_json", "class_path_maps.json", {
+        **ctx.common, "colour_label": COLOUR_LABEL,
+        "layers": [{**layer.to_json(),
+                    "on_frequency": json_rows_or_null(ctx.layer_slice(layer), present),
+                    "active_fraction": [json_number(np.mean(r)) for r in ctx.layer_slice(layer)],
+                    "effective_path_size": [int(r.sum()) if ok else None for r, ok in zip(
+                        effective[:, layer.offset:layer.offset + layer.width], present)]}
+                   for layer in ctx.layers],
+        "note": "on_frequency[c][j] = fraction of the images predicted as class c whose filter j of the layer is on; "
+                "null rows: no image was predicted as that class",
+    })
+    ctx.files["class_path_maps_png"] = str(plot_class_path_maps(
+        ctx.on_freq, ctx.counts, ctx.classes, ctx.layers, ctx.out / "class_path_maps.png", ctx.dpi))
+
+
+def _class_similarity(ctx: _Context, paths: torch.Tensor, pred: torch.Tensor, max_pairwise: int) -> None:
+    """(b) class-to-class similarity of effective paths and of individual paths."""
+    effective = effective_path_similarity(ctx.on_freq)
+    per_layer = effective_path_similarity(ctx.on_freq, ctx.widths)
+    used = min(len(paths), max_pairwise)
+    pairwise = pairwise_class_jaccard(paths[:used], pred[:used], len(ctx.classes)) if used > 1 else None
+    ctx.write_json("class_similarity_json", "class_similarity.json", {
+        **ctx.common,
+        "effective_path_jaccard": json_matrix(effective),
+        "effective_path_jaccard_per_layer": [{**layer.to_json(), "matrix": json_matrix(m)}
+                                             for layer, m in zip(ctx.layers, per_layer)],
+        "mean_pairwise_path_jaccard": None if pairwise is None else json_matrix(pairwise),
+        "pairwise_images": used if pairwise is not None else 0,
+        "note": "effective path of a class: filters on for more than half of its images; Jaccard over all gated "
+                "layers unless per layer; mean pairwise: mean Jaccard of the individual paths of image pairs "
+                "(self-pairs excluded); null: a class without images (or pairs)",
+    })
+    ctx.files["class_similarity_png"] = str(plot_class_similarity(
+        effective, pairwise, ctx.classes, ctx.out / "class_similarity.png", ctx.dpi))
+
+
+def _specific_filters(ctx: _Context, top_k: int) -> None:
+    """(c) the filters most specific to each class, per layer."""
+    table = specific_filters(ctx.on_freq, ctx.widths, top_k)
+    ctx.write_json("specific_filters_json", "specific_filters.json", {
+        **ctx.common, "k": top_k, "layers": [layer.to_json() for layer in ctx.layers],
+        "top_filters": {name: {layer.name: table[c][j] for j, layer in enumerate(ctx.layers)}
+                        for c, name in enumerate(ctx.classes)},
+        "rule": "specificity = P(on | class) - unweighted mean of P(on | c') over the other classes with images; "
+                "top k per class and layer, ties to the lower filter index; classes without images: empty lists",
+    })
+    ctx.files["specific_filters_png"] = str(plot_specific_filters(
+        table, ctx.classes, ctx.counts, ctx.layers, top_k, ctx.out / "specific_filters.png", ctx.dpi))
 
 
 def explain(bundle, images: torch.Tensor, labels: torch.Tensor | None, image: torch.Tensor | None,
@@ -487,150 +421,72 @@ def explain(bundle, images: torch.Tensor, labels: torch.Tensor | None, image: to
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = bundle.decoupled.eval()
-    classes = tuple(bundle.classes)
-    num_classes = len(classes)
-    layers = gated_layers(model)
-    widths = [layer.width for layer in layers]
-
     batch = extract_paths(model, images)
     pred = batch.predictions
-    on_freq, counts = class_on_frequency(batch.paths, pred, num_classes)
-    present = counts > 0
-    files: dict[str, str] = {}
-
-    def write_json(key: str, name: str, obj: dict) -> None:
-        files[key] = str(atomic_write_json(out / name, {"version": EXPLAIN_VERSION, **obj}))
-
-    common = {"classes": list(classes), "class_counts": counts.tolist(), "images": len(images),
-              "grouping": "predicted class"}
-    layer_json = [layer.to_json() for layer in layers]
-
-    # (a) class path maps
-    write_json("class_path_maps_json", "class_path_maps.json", {
-        **common, "colour_label": COLOUR_LABEL,
-        "layers": [{**layer.to_json(),
-                    "on_frequency": _rows_or_null(on_freq[:, layer.offset:layer.offset + layer.width], present),
-                    "active_fraction": [_num(np.mean(r)) for r in on_freq[:, layer.offset:layer.offset + layer.width]],
-                    "effective_path_size": [int(r.sum()) if ok else None for r, ok in zip(
-                        effective_paths(on_freq)[:, layer.offset:layer.offset + layer.width], present)]}
-                   for layer in layers],
-        "note": "on_frequency[c][j] = fraction of the images predicted as class c whose filter j of the layer is on; "
-                "null rows: no image was predicted as that class",
-    })
-    files["class_path_maps_png"] = str(plot_class_path_maps(on_freq, counts, classes, layers,
-                                                            out / "class_path_maps.png", dpi))
-
-    # (b) class similarity
-    effective = effective_path_similarity(on_freq)
-    per_layer = effective_path_similarity(on_freq, widths)
-    used = min(len(images), max_pairwise)
-    pairwise = pairwise_class_jaccard(batch.paths[:used], pred[:used], num_classes) if used > 1 else None
-    write_json("class_similarity_json", "class_similarity.json", {
-        **common,
-        "effective_path_jaccard": _matrix(effective),
-        "effective_path_jaccard_per_layer": [{**lj, "matrix": _matrix(m)} for lj, m in zip(layer_json, per_layer)],
-        "mean_pairwise_path_jaccard": None if pairwise is None else _matrix(pairwise),
-        "pairwise_images": used if pairwise is not None else 0,
-        "note": "effective path of a class: filters on for more than half of its images; Jaccard over all gated "
-                "layers unless per layer; mean pairwise: mean Jaccard of the individual paths of image pairs "
-                "(self-pairs excluded); null: a class without images (or pairs)",
-    })
-    files["class_similarity_png"] = str(plot_class_similarity(effective, pairwise, classes,
-                                                              out / "class_similarity.png", dpi))
-
-    # (c) specific filters
-    table = specific_filters(on_freq, widths, top_k)
-    write_json("specific_filters_json", "specific_filters.json", {
-        **common, "k": top_k, "layers": layer_json,
-        "top_filters": {name: {layer.name: table[c][j] for j, layer in enumerate(layers)}
-                        for c, name in enumerate(classes)},
-        "rule": "specificity = P(on | class) - unweighted mean of P(on | c') over the other classes with images; "
-                "top k per class and layer, ties to the lower filter index; classes without images: empty lists",
-    })
-    files["specific_filters_png"] = str(plot_specific_filters(table, classes, counts, layers, top_k,
-                                                              out / "specific_filters.png", dpi))
-
-    # (d) one image
+    on_freq, counts = class_on_frequency(batch.paths, pred, len(bundle.classes))
+    ctx = _Context(out, tuple(bundle.classes), gated_layers(model), on_freq, counts, dpi, {})
+    _class_path_maps(ctx)
+    _class_similarity(ctx, batch.paths, pred, max_pairwise)
+    _specific_filters(ctx, top_k)
     record = None
-    if image is not None:
-        record = image_record(model, image, on_freq, counts, batch.paths.numpy(), pred.numpy(), classes, layers,
-                              image_index, image_label)
+    if image is not None:  # (d) one image
+        record = image_record(model, image, on_freq, counts, batch.paths.numpy(), pred.numpy(), ctx.classes,
+                              ctx.layers, image_index, image_label)
         stem = f"image_{image_index}_path" if image_index is not None else "image_path"
-        write_json("image_path_json", f"{stem}.json", record)
-        files["image_path_png"] = str(plot_image_path(record, image.numpy(), layers, out / f"{stem}.png", dpi))
-
+        ctx.write_json("image_path_json", f"{stem}.json", record)
+        ctx.files["image_path_png"] = str(plot_image_path(record, image.numpy(), ctx.layers,
+                                                          out / f"{stem}.png", dpi))
     summary = {
         "images": len(images),
-        "accuracy": None if labels is None else _num((pred == labels).float().mean()),
-        "class_counts": dict(zip(classes, counts.tolist())),
-        "gated_layers": layer_json,
-        "mean_active_fraction": _num(batch.paths.float().mean()),
+        "accuracy": None if labels is None else json_number((pred == labels).float().mean()),
+        "class_counts": dict(zip(ctx.classes, counts.tolist())),
+        "gated_layers": [layer.to_json() for layer in ctx.layers],
+        "mean_active_fraction": json_number(batch.paths.float().mean()),
         "image": None if record is None else {k: record[k] for k in (
             "image_index", "label_name", "predicted_name", "overall_deviation", "most_deviating_layers")},
     }
-    files["summary_json"] = str(out / "explain.json")
+    ctx.files["summary_json"] = str(out / "explain.json")
     atomic_write_json(out / "explain.json", {
         "version": EXPLAIN_VERSION, "source": source or {}, "top_k": top_k, "dpi": dpi,
-        "summary": summary, "files": {k: Path(v).name for k, v in files.items()},
+        "summary": summary, "files": {k: Path(v).name for k, v in ctx.files.items()},
         "wall_seconds": round(time.time() - started, 3),
     })
-    return {"output_dir": str(out), "files": files, "summary": summary}
+    return {"output_dir": str(out), "files": ctx.files, "summary": summary}
 
 
 # -------------------------------------------------------------------- CLI
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+@dataclass
+class Config:
+    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
+    dataset: str = option("fashion-mnist", "dataset name")
+    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    split: str = option("test", "split to read images from", choices=("train", "test"))
+    n: int = option(DEFAULT_N, "class statistics from the first N images of the split", minimum=1)
+    image_index: int = option(0, "index in the split of the image to explain", minimum=0)
+    top_k: int = option(DEFAULT_TOP_K, "most specific filters per class and layer", minimum=1)
+    dpi: int = option(DEFAULT_DPI, "figure resolution", minimum=1)
+    output: str = option(DEFAULT_OUTPUT, "output directory")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    from .bundle import DEFAULT_BUNDLE
-
-    parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE), help="bundle directory (default: the shipped one)")
-    parser.add_argument("--dataset", default="fashion-mnist", help="dataset name (default: fashion-mnist)")
-    parser.add_argument("--data-root", default=None, help="dataset directory (default: the dataset's own)")
-    parser.add_argument("--split", default="test", choices=("train", "test"), help="(default: test)")
-    parser.add_argument("--n", type=_positive_int, default=DEFAULT_N,
-                        help=f"class statistics from the first N images of the split (default: {DEFAULT_N})")
-    parser.add_argument("--image-index", type=_non_negative_int, default=0,
-                        help="index in the split of the image to explain (default: 0)")
-    parser.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K,
-                        help=f"most specific filters per class and layer (default: {DEFAULT_TOP_K})")
-    parser.add_argument("--dpi", type=_positive_int, default=DEFAULT_DPI, help=f"(default: {DEFAULT_DPI})")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"output directory (default: {DEFAULT_OUTPUT}/)")
-
-
-def run(args: argparse.Namespace) -> dict:
-    from .bundle import load_bundle
-    from .data import DatasetError, load_dataset
-
-    bundle = load_bundle(args.bundle)
-    data = load_dataset(args.dataset, args.split, args.data_root)
+def run(cfg: Config) -> dict:
+    check(cfg)
+    bundle = load_bundle(cfg.bundle)
+    data = load_dataset(cfg.dataset, cfg.split, cfg.data_root)
     if data.shape != bundle.input_shape:
-        raise DatasetError(f"{args.dataset} images are {data.shape}, the bundle expects {bundle.input_shape}")
-    if args.image_index >= len(data):
-        raise DatasetError(f"--image-index {args.image_index} is outside the {args.split} split "
+        raise DatasetError(f"{cfg.dataset} images are {data.shape}, the bundle expects {bundle.input_shape}")
+    if cfg.image_index >= len(data):
+        raise DatasetError(f"--image-index {cfg.image_index} is outside the {cfg.split} split "
                            f"({len(data)} images)")
-    chosen = data.head(args.n)
-    source = {"bundle": str(bundle.path), "bundle_digest": bundle.digest, "dataset": args.dataset,
-              "split": args.split, "n": len(chosen), "selection": f"first {len(chosen)} images of the split",
-              "image_index": args.image_index}
-    result = explain(bundle, chosen.images, chosen.labels, data.images[args.image_index], args.output,
-                     image_index=args.image_index, image_label=int(data.labels[args.image_index]),
-                     top_k=args.top_k, dpi=args.dpi, source=source)
+    chosen = data.head(cfg.n)
+    source = {"bundle": str(bundle.path), "bundle_digest": bundle.digest, "dataset": cfg.dataset,
+              "split": cfg.split, "n": len(chosen), "selection": f"first {len(chosen)} images of the split",
+              "image_index": cfg.image_index}
+    result = explain(bundle, chosen.images, chosen.labels, data.images[cfg.image_index], cfg.output,
+                     image_index=cfg.image_index, image_label=int(data.labels[cfg.image_index]),
+                     top_k=cfg.top_k, dpi=cfg.dpi, source=source)
     image = result["summary"]["image"]
-    print(f"explained {len(chosen)} {args.split} images; image {args.image_index}: "
+    print(f"explained {len(chosen)} {cfg.split} images; image {cfg.image_index}: "
           f"predicted {image['predicted_name']} (true {image['label_name']}), deviates most in "
           f"{', '.join(image['most_deviating_layers']) or 'no layer'}")
     for key, path in result["files"].items():

@@ -1,47 +1,48 @@
-"""`pathguard serve`: options for the main CLI.
+"""`pathguard serve`: the HTTP service on a bundle.
 
-    configure(parser)  adds --bundle, --host, --port (and a few tuning options);
-                       each overrides its PATHGUARD_* environment variable
-    run(args) -> int   builds Settings, checks the bundle's manifest, serves;
-                       returns the exit status (0 after a graceful stop,
-                       2 for bad settings or a bad bundle, 3 if startup failed)
+Each option overrides its PATHGUARD_* environment variable (service/settings.py
+holds every setting, its default and its check); an option left out keeps
+the environment's value or the default.  Exit status: 0 after a graceful
+stop, 2 for bad settings or a bad bundle, 3 if start-up failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, fields
+
+from pydantic import ValidationError
+
+from pathguard.detector.artifacts import ArtifactError, verify_manifest
+from pathguard.service.server import serve
+from pathguard.service.settings import Settings
+
+from .config import option
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", default=None, help="bundle directory (env PATHGUARD_BUNDLE; default: the shipped one)")
-    parser.add_argument("--host", default=None, help="address to listen on (env PATHGUARD_HOST; default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (env PATHGUARD_PORT; default 8000, 0 = any free)")
-    parser.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                        help="most images per forward pass (env PATHGUARD_BATCH_SIZE; default 64)")
-    parser.add_argument("--batching", dest="batching", action=argparse.BooleanOptionalAction, default=None,
-                        help="coalesce concurrent requests into one forward pass (env PATHGUARD_BATCHING; default on)")
-    parser.add_argument("--log-level", dest="log_level", default=None,
-                        choices=("critical", "error", "warning", "info", "debug"))
+@dataclass
+class Config:
+    bundle: str | None = option(None, "bundle directory (env PATHGUARD_BUNDLE; default: the shipped one)", kind=str)
+    host: str | None = option(None, "address to listen on (env PATHGUARD_HOST; default 127.0.0.1)", kind=str)
+    port: int | None = option(None, "port (env PATHGUARD_PORT; default 8000, 0 = any free)", kind=int)
+    batch_size: int | None = option(None, "most images per forward pass (env PATHGUARD_BATCH_SIZE; default 64)",
+                                    kind=int)
+    batching: bool | None = option(None, "coalesce concurrent requests into one forward pass "
+                                   "(env PATHGUARD_BATCHING; default on)", kind=bool)
+    log_level: str | None = option(None, "log level (env PATHGUARD_LOG_LEVEL; default info)", kind=str,
+                                   choices=LOG_LEVELS)
 
 
-def settings_from_args(args: argparse.Namespace):
-    from .settings import Settings
-
-    overrides = {name: getattr(args, name, None)
-                 for name in ("bundle", "host", "port", "batch_size", "batching", "log_level")}
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+def settings_from(cfg: Config) -> Settings:
+    given = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
 
 
-def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from pathguard.detector.artifacts import ArtifactError, verify_manifest
-
-    from .server import serve
-
+def run(cfg: Config) -> int:
     try:
-        settings = settings_from_args(args)
+        settings = settings_from(cfg)
     except ValidationError as exc:
         print(f"pathguard serve: invalid settings: {exc}", file=sys.stderr)
         return 2

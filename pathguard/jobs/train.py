@@ -1,4 +1,5 @@
-"""Two-stage training (design.md §1): plain net, then decoupled fine-tuning.
+"""`pathguard train`: two-stage training (docs/method.md, "Training
+objective"): plain net, then decoupled fine-tuning.
 
 Stage 1 trains the plain network.  Stage 2 copies it into the decoupled
 network and fine-tunes with CE + KL alignment + path-class CE + sparsity.
@@ -12,10 +13,9 @@ Ctrl-C stops training and writes the bundle from the best checkpoint so far.
 from __future__ import annotations
 
 import math
-import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,54 +24,64 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .artifacts import atomic_save_tensors, load_tensors
-from .bundle import state_dict_copy, write_bundle
-from .data import ImageSet, load_dataset, train_val_split
-from .losses import DecouplingWeights, decoupling_loss
-from .models import ConvNet, architecture_for
-from .paths import path_summary
+from pathguard.detector.artifacts import atomic_save_tensors, load_tensors
+from pathguard.detector.bundle import DEFAULT_BUNDLE, state_dict_copy, write_bundle
+from pathguard.detector.data import DATASETS, ImageSet, load_dataset, train_val_split
+from pathguard.detector.losses import DecouplingWeights, decoupling_loss
+from pathguard.detector.measure import evaluate_accuracy, measure_card, versions
+from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for
+
+from .config import check, option
 
 
 @dataclass
-class TrainConfig:
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    architecture: str = "vgg-small"
-    output: str = "bundles/fmnist-default"
-    epochs_plain: int = 8
-    epochs_decoupled: int = 6
-    batch_size: int = 128
-    lr_plain: float = 0.05
-    lr_decoupled: float = 0.01
+class Config:
+    """Training options; the defaults are the shipped bundle's recipe
+    (bundles/fmnist-default/training.json), so `pathguard train` with no
+    flags reproduces its configuration."""
+
+    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    architecture: str = option("vgg-small", "backbone", choices=tuple(ARCHITECTURES))
+    output: str = option("runs/fmnist-default", "bundle directory to write (never the shipped bundle by default)")
+    force: bool = option(False, "replace an existing bundle at --output")
+    epochs_plain: int = option(6, "stage 1: epochs of the plain network", minimum=0)
+    epochs_decoupled: int = option(6, "stage 2: epochs of decoupled fine-tuning (and of the plain reference)",
+                                   minimum=1)
+    batch_size: int = option(128, "training batch size", minimum=1)
+    lr_plain: float = option(0.05, "stage-1 learning rate (cosine schedule)", minimum=0)
+    lr_decoupled: float = option(0.01, "stage-2 backbone learning rate (cosine schedule)", minimum=0)
     # The ACMs and path heads start from scratch while the backbone is
     # already trained: they learn at lr_decoupled * control_lr_scale.
-    control_lr_scale: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    val_fraction: float = 0.1
-    seed: int = 0
-    lambda_k: float = 1.0
-    lambda_m: float = 0.04
-    lambda_s: float = 1.0
-    target_ratio: float = 0.5
-    # Std of the Gaussian noise on the gate logits in training (design: 1.0).
-    # "linear" anneals it to 0 over stage 2, so the last steps train the
-    # backbone under the deterministic gates it will run with at inference.
+    control_lr_scale: float = option(10.0, "learning-rate factor of the ACMs and path heads", minimum=0)
+    momentum: float = option(0.9, "SGD (Nesterov) momentum", minimum=0)
+    weight_decay: float = option(5e-4, "SGD weight decay", minimum=0)
+    val_fraction: float = option(0.1, "share of the training split held out for validation", minimum=0)
+    seed: int = option(0, "seed of the split, the initialisation and the batches")
+    lambda_k: float = option(1.0, "weight of the alignment (KL) term", minimum=0)
+    lambda_m: float = option(0.2, "weight of the path-class (mutual-information surrogate) term", minimum=0)
+    lambda_s: float = option(1.0, "weight of the sparsity term", minimum=0)
+    target_ratio: float = option(0.55, "target fraction of active gates (rho)", minimum=0)
+    # Std of the Gaussian noise on the gate logits in training.  "linear"
+    # anneals it to 0 over stage 2, so the last steps train the backbone
+    # under the deterministic gates it will run with at inference.
     # "linear-hard" also raises the share of hard (straight-through) gate
     # values from 0.5 to 1, so the last epoch sees exactly binary gates.
-    gate_noise: float = 1.0
-    noise_schedule: str = "constant"
+    gate_noise: float = option(1.0, "std of the gate-logit noise in training", minimum=0)
+    noise_schedule: str = option("linear", "gate-noise schedule over stage 2",
+                                 choices=("constant", "linear", "linear-hard"))
     # An epoch only counts as "best" if its validation active ratio is at
     # most this, so the kept checkpoint meets the sparsity goal.
-    max_active_ratio: float = 0.6
-    augment: bool = True
+    max_active_ratio: float = option(0.6, "most active-gate ratio a kept checkpoint may have", minimum=0)
+    augment: bool = option(True, "random flips and 2-pixel shifts")
     # Start stage 2 from a saved plain checkpoint instead of running stage 1
     # (for tuning the decoupling terms without retraining the plain net).
-    init_plain: str | None = None
-    limit_train: int | None = None  # use only the first N training images (smoke tests)
-    limit_test: int | None = None
-    threads: int | None = None
-    progress: bool = True
+    init_plain: str | None = option(None, "start stage 2 from this plain checkpoint (safetensors)", kind=str)
+    limit_train: int | None = option(None, "use only the first N training images (smoke tests)", kind=int,
+                                     minimum=1)
+    limit_test: int | None = option(None, "measure on the first N test images only", kind=int, minimum=1)
+    threads: int | None = option(None, "torch threads (default: torch's choice)", kind=int, minimum=1)
+    progress: bool = option(True, "progress bars")
 
 
 def seed_everything(seed: int) -> None:
@@ -90,31 +100,13 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]]
 
 
-@torch.no_grad()
-def evaluate_accuracy(model: ConvNet, data: ImageSet, batch_size: int = 1000) -> dict:
-    """Accuracy (and, for the gated net, mean active ratio) in inference mode."""
-    model.eval()
-    correct, active, total = 0, 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size]
-        trace = model.trace(x)
-        correct += int((trace.logits.argmax(1) == data.labels[start:start + batch_size]).sum())
-        if trace.gates:
-            active += float(trace.path.float().mean()) * len(x)
-        total += len(x)
-    out = {"accuracy": correct / total}
-    if model.gated:
-        out["active_ratio"] = active / total
-    return out
-
-
 def _batches(n: int, batch_size: int, generator: torch.Generator):
     order = torch.randperm(n, generator=generator)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
 
 
-def _optimizer(params, lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(params, lr: float, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
 
 
@@ -126,7 +118,7 @@ def _cosine(optimizer, epochs: int, steps_per_epoch: int):
 class _Stage:
     """One training stage: a model, its optimizer, its best checkpoint."""
 
-    def __init__(self, name: str, model: ConvNet, lr: float, epochs: int, steps: int, cfg: TrainConfig,
+    def __init__(self, name: str, model: ConvNet, lr: float, epochs: int, steps: int, cfg: Config,
                  heads: nn.ModuleList | None = None) -> None:
         self.name, self.model, self.heads, self.epochs = name, model, heads, epochs
         control = [p for n, p in model.named_parameters() if ".control." in n]
@@ -145,7 +137,7 @@ class _Stage:
         self.checkpoint: Path | None = None
 
 
-def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, generator: torch.Generator,
+def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: Config, generator: torch.Generator,
                weights: DecouplingWeights | None) -> None:
     steps = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, stage.epochs + 1):
@@ -198,14 +190,25 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: TrainConfig, 
             f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run both stages and write the bundle; returns the bundle path."""
-    if cfg.noise_schedule not in ("constant", "linear", "linear-hard"):
-        raise ValueError(f"noise_schedule must be 'constant', 'linear' or 'linear-hard', got {cfg.noise_schedule!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    started = time.time()
+def check_output(cfg: Config) -> None:
+    """Never replace a bundle without --force, and never the shipped one
+    by accident."""
+    out = Path(cfg.output)
+    if out.exists() and not cfg.force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it, or choose another --output")
+    if out.resolve() == DEFAULT_BUNDLE.resolve() and not cfg.force:
+        raise FileExistsError(f"{out} is the shipped bundle: pass --force to replace it")
+
+
+@dataclass
+class _Data:
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    classes: tuple
+
+
+def _load_data(cfg: Config) -> _Data:
     full_train = load_dataset(cfg.dataset, "train", cfg.data_root)
     test = load_dataset(cfg.dataset, "test", cfg.data_root)
     if cfg.limit_train:
@@ -213,13 +216,39 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.limit_test:
         test = test.head(cfg.limit_test)
     train_idx, val_idx = train_val_split(len(full_train), cfg.val_fraction, cfg.seed)
-    train_set, val_set = full_train.subset(train_idx), full_train.subset(val_idx)
     c, h, w = full_train.shape
     if h != w:
         raise ValueError(f"square images expected, got {h}x{w}")
-    arch = architecture_for(cfg.architecture, c, h, len(full_train.classes))
+    return _Data(full_train.subset(train_idx), full_train.subset(val_idx), test, full_train.classes)
+
+
+def _stage2(cfg: Config, arch, plain: ConvNet, steps: int) -> tuple[_Stage, _Stage]:
+    """The decoupled stage and the plain reference, both from the plain net."""
+    decoupled = ConvNet(arch, gated=True)
+    decoupled.load_plain_weights(plain)
+    heads = nn.ModuleList(nn.Linear(wd, arch.num_classes, bias=False) for wd in decoupled.gated_widths)
+    # The reference: the same plain net given the same extra budget.
+    stage_ref = _Stage("plain-ref", plain, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg)
+    stage_ref.checkpoint = checkpoint_dir(cfg) / "plain_reference.safetensors"
+    stage2 = _Stage("decoupled", decoupled, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg, heads)
+    stage2.checkpoint = checkpoint_dir(cfg) / "decoupled.safetensors"
+    return stage2, stage_ref
+
+
+def train(cfg: Config) -> Path:
+    """Run both stages and write the bundle; returns the bundle path."""
+    check(cfg)
+    check_output(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    started = time.time()
+    data = _load_data(cfg)
+    c, h, _ = data.train.shape
+    arch = architecture_for(cfg.architecture, c, h, len(data.classes))
     generator = torch.Generator().manual_seed(cfg.seed)
-    steps = math.ceil(len(train_set) / cfg.batch_size)
+    steps = math.ceil(len(data.train) / cfg.batch_size)
+    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio)
 
     plain = ConvNet(arch, gated=False)
     stage1 = _Stage("plain", plain, cfg.lr_plain, cfg.epochs_plain, steps, cfg)
@@ -230,25 +259,15 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.init_plain:
             stage1.best_state = load_tensors(cfg.init_plain)
         else:
-            _run_stage(stage1, train_set, val_set, cfg, generator, None)
+            _run_stage(stage1, data.train, data.val, cfg, generator, None)
         plain.load_state_dict(stage1.best_state)
-
         # Stage 2 starts from a fixed RNG state, so it is the same whether
         # stage 1 ran just before or its checkpoint was passed as init_plain.
         seed_everything(cfg.seed + 1)
         generator.manual_seed(cfg.seed + 1)
-        decoupled = ConvNet(arch, gated=True)
-        decoupled.load_plain_weights(plain)
-        widths = decoupled.gated_widths
-        heads = nn.ModuleList(nn.Linear(wd, arch.num_classes, bias=False) for wd in widths)
-        weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio)
-        # The reference: the same plain net given the same extra budget.
-        stage_ref = _Stage("plain-ref", plain, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg)
-        stage_ref.checkpoint = checkpoint_dir(cfg) / "plain_reference.safetensors"
-        stage2 = _Stage("decoupled", decoupled, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg, heads)
-        stage2.checkpoint = checkpoint_dir(cfg) / "decoupled.safetensors"
-        _run_stage(stage2, train_set, val_set, cfg, generator, weights)
-        _run_stage(stage_ref, train_set, val_set, cfg, generator, None)
+        stage2, stage_ref = _stage2(cfg, arch, plain, steps)
+        _run_stage(stage2, data.train, data.val, cfg, generator, weights)
+        _run_stage(stage_ref, data.train, data.val, cfg, generator, None)
     except KeyboardInterrupt:
         interrupted = "interrupted by the user; bundle written from the best checkpoint so far"
         tqdm.write(interrupted)
@@ -256,69 +275,40 @@ def train(cfg: TrainConfig) -> Path:
             raise SystemExit(
                 f"interrupted before the decoupled stage began: no bundle written; the best plain "
                 f"checkpoint so far is in {stage1.checkpoint}") from None
+    return _write(cfg, arch, data, (stage1, stage2, stage_ref), interrupted, time.time() - started)
 
+
+def _write(cfg: Config, arch, data: _Data, stages: tuple, interrupted: str | None, seconds: float) -> Path:
+    """The best checkpoints, measured side by side, written as a bundle."""
+    stage1, stage2, stage_ref = stages
+    decoupled, plain = stage2.model, stage_ref.model
     decoupled.load_state_dict(stage2.best_state)
     plain.load_state_dict(stage_ref.best_state)
     decoupled.eval()
     plain.eval()
-
-    card = measure_card(decoupled, plain, test, val_set)
+    card = measure_card(decoupled, plain, data.test, data.val)
     card["interrupted"] = interrupted
     training = {
         "config": asdict(cfg),
-        "best_epoch": {"plain": stage1.best_epoch, "decoupled": stage2.best_epoch, "plain_reference": stage_ref.best_epoch},
+        "best_epoch": {"plain": stage1.best_epoch, "decoupled": stage2.best_epoch,
+                       "plain_reference": stage_ref.best_epoch},
         "history": {"plain": stage1.history, "decoupled": stage2.history, "plain_reference": stage_ref.history},
-        "split": {"train": len(train_set), "validation": len(val_set), "test": len(test), "seed": cfg.seed},
-        "wall_seconds": time.time() - started,
+        "split": {"train": len(data.train), "validation": len(data.val), "test": len(data.test), "seed": cfg.seed},
+        "wall_seconds": seconds,
         "versions": versions(),
     }
-    return write_bundle(cfg.output, arch, full_train.classes, decoupled, plain, training, card)
+    return write_bundle(cfg.output, arch, data.classes, decoupled, plain, training, card)
 
 
-def checkpoint_dir(cfg: TrainConfig) -> Path:
+def run(cfg: Config) -> Path:
+    path = train(cfg)
+    print(f"bundle written to {path}")
+    return path
+
+
+def checkpoint_dir(cfg: Config) -> Path:
     """Best-so-far checkpoints live beside the bundle, so Ctrl-C loses nothing."""
     out = Path(cfg.output)
     return out.parent / f".{out.name}.checkpoints"
 
 
-def measure_card(decoupled: ConvNet, plain: ConvNet, test: ImageSet, val: ImageSet | None) -> dict:
-    """Side-by-side figures of the two nets on the test split (reported,
-    never used for a choice) and on the validation split."""
-    from .acceleration import flop_summary
-
-    test_paths = path_summary(decoupled, test.images, test.labels)
-    plain_test = evaluate_accuracy(plain, test)["accuracy"]
-    flops = flop_summary(decoupled, test.images)
-    card = {
-        "test": {
-            "images": len(test),
-            "decoupled_accuracy": test_paths["accuracy"],
-            "plain_accuracy": plain_test,
-            "accuracy_gap_points": 100 * (plain_test - test_paths["accuracy"]),
-            "active_fraction": test_paths["active_fraction"],
-            "distinct_paths": test_paths["distinct_paths"],
-            "path_bits": test_paths["path_bits"],
-            "jaccard": test_paths["jaccard"],
-            "first_1000_decoupled_accuracy": evaluate_accuracy(decoupled, test.head(1000))["accuracy"],
-            "flops": flops,
-        },
-        "gated_widths": decoupled.gated_widths,
-    }
-    if val is not None:
-        card["validation"] = {
-            "images": len(val),
-            "decoupled_accuracy": evaluate_accuracy(decoupled, val)["accuracy"],
-            "plain_accuracy": evaluate_accuracy(plain, val)["accuracy"],
-        }
-    return card
-
-
-def versions() -> dict:
-    import sklearn
-    import safetensors
-
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "scikit-learn": sklearn.__version__, "safetensors": safetensors.__version__,
-        "machine": platform.machine(), "threads": torch.get_num_threads(),
-    }
