@@ -4,6 +4,9 @@
     decoupled.safetensors  weights of the decoupled (gated) network
     plain.safetensors   weights of the plain reference network
     training.json       training configuration and per-epoch history
+    data.json           the data it was trained on (data.DataSpec: dataset, root,
+                        image size, channels, resize rule, classes, shape),
+                        the train/validation split and the input normalisation
     model_card.json     measured figures (accuracy, sparsity, paths, detection)
     profile.safetensors / profile.json   the fitted detector (after `fit`):
                         its tensors, and its name, parameters, threshold
@@ -30,6 +33,7 @@ from .artifacts import (
     read_json, verify_manifest, write_manifest,
 )
 from .base import Detector
+from .data import DataSpec
 from .models import Architecture, ConvNet
 from .profile import ProfileMismatch
 from .scores import PathScore
@@ -39,6 +43,7 @@ DECOUPLED_FILE = "decoupled.safetensors"
 PLAIN_FILE = "plain.safetensors"
 TRAINING_FILE = "training.json"
 CARD_FILE = "model_card.json"
+DATA_FILE = "data.json"
 DETECTOR_TENSORS = "profile.safetensors"
 DETECTOR_CONFIG = "profile.json"
 BUNDLE_FORMAT = 1
@@ -61,6 +66,7 @@ class Bundle:
     digest: str = ""
     # Files the verified manifest vouches for; empty when loaded unverified.
     verified_files: frozenset = frozenset()
+    data: dict = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -68,6 +74,24 @@ class Bundle:
 
     def has_file(self, name: str) -> bool:
         return (self.path / name).is_file()
+
+    @property
+    def data_spec(self) -> DataSpec:
+        """The data the bundle was trained on.  Bundles of release 0.1 have
+        no data.json: their training configuration names the dataset."""
+        if "spec" in self.data:
+            return DataSpec.from_json(self.data["spec"])
+        cfg = self.training.get("config", {})
+        return DataSpec(cfg.get("dataset", "fashion-mnist"), cfg.get("data_root"))
+
+    @property
+    def split(self) -> dict:
+        """How the training data was split into train and validation parts."""
+        if "split" in self.data:
+            return self.data["split"]
+        cfg = self.training.get("config", {})
+        return {"val_fraction": cfg.get("val_fraction", 0.1), "seed": cfg.get("seed", 0),
+                "limit_train": cfg.get("limit_train")}
 
 
 def _load_weights(model: ConvNet, path: Path) -> ConvNet:
@@ -101,8 +125,10 @@ def load_bundle(path: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -
     has_training = (TRAINING_FILE in verified) if verify else (path / TRAINING_FILE).is_file()
     training = read_json(path / TRAINING_FILE) if has_training else {}
     card = read_json(path / CARD_FILE)
+    has_data = (DATA_FILE in verified) if verify else (path / DATA_FILE).is_file()
+    data = read_json(path / DATA_FILE) if has_data else {}
     digest = manifest_digest(path) if (path / "manifest.json").is_file() else ""
-    return Bundle(path, arch, classes, decoupled, plain, training, card, digest, verified)
+    return Bundle(path, arch, classes, decoupled, plain, training, card, digest, verified, data)
 
 
 def write_bundle(
@@ -113,6 +139,7 @@ def write_bundle(
     plain: ConvNet,
     training: dict,
     card: dict,
+    data: dict | None = None,
 ) -> Path:
     """Write a complete bundle atomically: it is built in a temporary sibling
     directory and renamed into place, so a reader never sees half of it."""
@@ -130,6 +157,8 @@ def write_bundle(
         atomic_save_tensors(staging / PLAIN_FILE, plain.state_dict())
         atomic_write_json(staging / TRAINING_FILE, training)
         atomic_write_json(staging / CARD_FILE, card)
+        if data is not None:
+            atomic_write_json(staging / DATA_FILE, data)
         write_manifest(staging)
         if path.exists():
             retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))

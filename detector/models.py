@@ -67,16 +67,22 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def architecture_for(name: str, in_channels: int, image_size: int, num_classes: int) -> Architecture:
-    """A named backbone adapted to a dataset's shape and class count."""
+def architecture_for(name: str, in_channels: int, image_size: int, num_classes: int,
+                     mean: tuple | None = None, std: tuple | None = None) -> Architecture:
+    """A named backbone adapted to a dataset's shape and class count; the
+    input normalisation is ``mean``/``std`` (per channel, computed from the
+    training data) or, without them, the backbone's own."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHITECTURES)}")
     base = ARCHITECTURES[name]
-    mean = base.mean if len(base.mean) == in_channels else (0.5,) * in_channels
-    std = base.std if len(base.std) == in_channels else (0.5,) * in_channels
+    if mean is None or std is None:
+        mean = base.mean if len(base.mean) == in_channels else (0.5,) * in_channels
+        std = base.std if len(base.std) == in_channels else (0.5,) * in_channels
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"normalisation needs {in_channels} means and stds, got {mean}, {std}")
     return Architecture(
         name=base.name, in_channels=in_channels, image_size=image_size, num_classes=num_classes,
-        layers=base.layers, dropout=base.dropout, mean=mean, std=std,
+        layers=base.layers, dropout=base.dropout, mean=tuple(mean), std=tuple(std),
     )
 
 

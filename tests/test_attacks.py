@@ -274,11 +274,15 @@ def test_parse_override_and_cli_overrides():
         parse_overrides(["eps"], ["fgsm"])
 
 
-def test_select_correct_returns_first_n_correct(model, data):
+def test_select_correct_draws_correctly_classified_images_seeded(model, data):
     images, labels = data
     correct = (_predict(model, images) == labels).nonzero().flatten()
-    assert torch.equal(select_correct(model, images, labels, 3), correct[:3])
-    assert torch.equal(select_correct(model, images, labels, 100), correct)
+    three = select_correct(model, images, labels, 3, seed=0)
+    assert len(three) == 3 and set(three.tolist()) <= set(correct.tolist())
+    assert three.tolist() == sorted(three.tolist())
+    assert torch.equal(three, select_correct(model, images, labels, 3, seed=0))  # seeded
+    assert {tuple(select_correct(model, images, labels, 3, seed=s).tolist()) for s in range(6)} != {tuple(three)}
+    assert torch.equal(select_correct(model, images, labels, 100), correct)  # all there are
     assert len(select_correct(model, images, labels, 0)) == 0
 
 
@@ -298,7 +302,7 @@ def test_cli_end_to_end(model, data, tmp_path, capsys):
         Image.fromarray(pixels).save(root / "test" / str(int(label)) / f"{i}.png")
 
     defaults = build_parser().parse_args(["attack"])
-    assert (defaults.dataset, defaults.split, defaults.n, defaults.attack) == ("fashion-mnist", "test", 2000, ["all"])
+    assert (defaults.dataset, defaults.split, defaults.n, defaults.attack) == (None, "test", 2000, ["all"])
     assert main([
         "attack", "--bundle", str(bundle_dir), "--dataset", "folder", "--data-root", str(root), "--attack", "fgsm",
         "pgd-low", "--n", "4", "--set", "eps=0.05", "--set", "pgd-low.steps=3", "--output", str(tmp_path / "out"),

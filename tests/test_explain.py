@@ -292,7 +292,7 @@ def test_cli_run_via_argparse(tiny_bundle, tmp_path, capsys):
     parser = build_parser()
     defaults = config_from_args(Config, parser.parse_args(["explain"]))
     assert (defaults.dataset, defaults.split, defaults.n, defaults.image_index, defaults.output, defaults.top_k) == (
-        "fashion-mnist", "test", 2000, 0, "reports/explain", 5)
+        None, "test", 2000, 0, "reports/explain", 5)
     with pytest.raises(ValueError, match="n: must be >= 1"):
         run(config_from_args(Config, parser.parse_args(["explain", "--n", "0"])))
 

@@ -17,22 +17,24 @@ import torch
 from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
 from pathguard.detector.bundle import load_bundle, load_detector
-from pathguard.detector.data import DATASETS, load_dataset
+from pathguard.detector.data import DATASETS
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import observe
 
 from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
-from .evaluate import first_correct
+from .data import data_spec, load_for
+from .evaluate import correct_sample
 
 
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
     output: str = option("reports/default", "report directory (adaptive.json, adaptive.md)")
-    n: int = option(300, "evaluation images (correctly classified test images)", minimum=1)
+    n: int = option(300, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     lambdas: tuple = option((0.0, 1.0, 3.0, 10.0), "weights of the detector term (0 = plain PGD)", minimum=0)
     eps: tuple = option((0.03, 0.1), "L-inf budgets", minimum=0)
     steps: int = option(40, "PGD steps (step size eps / 10)", minimum=1)
@@ -72,7 +74,8 @@ def adaptive_sweep(cfg: Config) -> dict:
     bundle = load_bundle(cfg.bundle)
     model = bundle.decoupled
     detector = load_detector(bundle)
-    evalset = first_correct(model, load_dataset(cfg.dataset, "test", cfg.data_root), cfg.n)
+    test = load_for(bundle, data_spec(bundle, cfg.dataset, cfg.data_root), "test")
+    evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
     clean_scores = detector.score_samples(observe(model, evalset.images))
     steps = min(cfg.steps, 5) if cfg.quick else cfg.steps
     rows = []

@@ -26,21 +26,24 @@ import torch
 from pathguard.attacks.generate import DEFAULT_BATCH_SIZE, generate_attack_set, save_attack_set
 from pathguard.attacks.presets import PRESETS, parse_override
 from pathguard.detector.bundle import load_bundle
-from pathguard.detector.data import DATASETS, DatasetError, load_dataset
+from pathguard.detector.data import DATASETS
 from pathguard.detector.paths import correct_mask
+from pathguard.detector.splits import stratified_sample
 
 from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .data import data_spec, load_for
 
 
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
     split: str = option("test", "split to attack", choices=("train", "test"))
     attack: tuple = option(("all",), "attacks to run, or 'all'", choices=(*PRESETS, "all"))
-    n: int = option(2000, "attack the first N correctly classified images", minimum=1)
-    seed: int = option(0, "seed of the attacks' random starts")
+    n: int = option(2000, "attack N correctly classified images (class-stratified, seeded)", minimum=1)
+    seed: int = option(0, "seed of the image sample and the attacks' random starts")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "images per attack batch", minimum=1)
     overrides: tuple = option((), "KEY=VALUE: override a preset parameter, attack.param=value or param=value "
                               "(repeatable)", kind=str, flag="--set", repeat=True)
@@ -48,13 +51,15 @@ class Config:
     progress: bool = option(True, "progress bars")
 
 
-def select_correct(model, images: torch.Tensor, labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices (int64, ascending) of the first ``n`` images that ``model``
-    classifies correctly in inference mode.  Fewer than ``n`` come back when
-    the set holds fewer; the caller decides whether that is acceptable."""
+def select_correct(model, images: torch.Tensor, labels: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """Indices (int64, ascending) of ``n`` images that ``model`` classifies
+    correctly in inference mode, drawn class-stratified and seeded.  Fewer
+    than ``n`` come back when the set holds fewer; the caller decides
+    whether that is acceptable."""
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
-    return torch.nonzero(correct_mask(model, images, labels)).flatten()[:n].to(torch.int64)
+    index = stratified_sample(labels, n, seed, correct_mask(model, images, labels), shrink=True)
+    return index.sort().values.to(torch.int64)
 
 
 def resolve_attacks(names: list[str]) -> list[str]:
@@ -105,17 +110,17 @@ def run(cfg: Config) -> None:
         raise SystemExit(f"pathguard attack: error: {exc}") from None
     bundle = load_bundle(cfg.bundle)
     model = bundle.decoupled.eval()
-    data = load_dataset(cfg.dataset, cfg.split, cfg.data_root)
-    if tuple(data.shape) != tuple(bundle.input_shape):
-        raise DatasetError(f"{cfg.dataset}/{cfg.split} images are {data.shape}, the bundle expects {bundle.input_shape}")
-    indices = select_correct(model, data.images, data.labels, cfg.n)
+    spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+    data = load_for(bundle, spec, cfg.split)
+    indices = select_correct(model, data.images, data.labels, cfg.n, cfg.seed)
     if len(indices) < cfg.n:
-        print(f"note: only {len(indices)} correctly classified images in {cfg.dataset}/{cfg.split} (asked for {cfg.n})")
+        print(f"note: only {len(indices)} correctly classified images in {spec.dataset}/{cfg.split} "
+              f"(asked for {cfg.n})")
     images, labels = data.images[indices], data.labels[indices]
     source = {
         "bundle": str(bundle.path), "bundle_digest": bundle.digest,
-        "dataset": cfg.dataset, "split": cfg.split, "n_requested": cfg.n,
-        "selection": "first N images of the split the model classifies correctly",
+        "dataset": spec.dataset, "split": cfg.split, "n_requested": cfg.n,
+        "selection": "N images of the split the model classifies correctly, class-stratified and seeded",
     }
     for name in attacks:
         attack_set = generate_attack_set(model, images, labels, name, seed=cfg.seed, batch_size=cfg.batch_size,

@@ -2,15 +2,19 @@
 
 One run, one model, the same samples for every detector:
 
-* evaluation images: the first N test images the decoupled model classifies
-  correctly; every attack is run on them (white-box, inference mode);
+* data: the bundle's own (jobs/data.py) unless --dataset/--data-root say
+  otherwise;
+* evaluation images: N test images the decoupled model classifies
+  correctly, drawn class-stratified and seeded; every attack is run on
+  them (white-box, inference mode);
 * positives: successful adversarial examples; negatives: their originals;
 * unsupervised detectors (``Config.unsupervised``): the bundle's own path
   detector (``path``: its stored profile and threshold), and registered
   baselines fitted on the clean training part;
 * supervised detectors (``Config.supervised``): trained on adversarial
-  examples of the *seen* attacks, generated on validation images (never on
-  test images), and reported on seen and unseen attacks;
+  examples of the *seen* attacks, generated on correctly classified
+  validation images (drawn like the evaluation images; never test images),
+  and reported on seen and unseen attacks;
 * Gaussian-noise copies of each original, with the L2 norm of its
   perturbation, measure how often noise alone is flagged.
 
@@ -31,14 +35,15 @@ import torch
 from pathguard.attacks.generate import generate_attack_set, save_attack_set
 from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import load_bundle, load_detector, update_bundle_card
-from pathguard.detector.data import DATASETS, ImageSet, load_dataset
+from pathguard.detector.data import DATASETS, ImageSet
 from pathguard.detector.detectors import DETECTORS, Detector, PathScore, SupervisedPathDetector, make_detector
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
 from pathguard.detector.paths import PathBatch, correct_mask, observe
+from pathguard.detector.splits import class_counts
 
 from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
-from .fit import split_of
+from .data import data_spec, load_for, train_validation
 from .report import card_summary, markdown_table, write_report
 
 ALL_ATTACKS = tuple(PRESETS)
@@ -50,10 +55,11 @@ BUNDLE_DETECTOR = "path"  # the bundle's own, already fitted and calibrated
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
     output: str = option("reports/default", "report directory")
-    n: int = option(2000, "evaluation images (correctly classified test images)", minimum=1)
+    n: int = option(2000, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=ALL_ATTACKS)
     unsupervised: tuple = option((BUNDLE_DETECTOR, "max-softmax", "mahalanobis"),
                                  "unsupervised detectors ('path' = the bundle's)",
@@ -83,9 +89,13 @@ def noise_like(original: torch.Tensor, adversarial: torch.Tensor, seed: int) -> 
     return (original + noise).clamp(0, 1)
 
 
-def first_correct(model, data: ImageSet, n: int) -> ImageSet:
-    """The first ``n`` images of ``data`` the model classifies correctly."""
-    return data.subset(torch.nonzero(correct_mask(model, data.images, data.labels)).flatten()[:n])
+def correct_sample(model, data: ImageSet, n: int, seed: int, what: str) -> ImageSet:
+    """``n`` images of ``data`` that the model classifies correctly, drawn
+    class-stratified and seeded; fewer (with a note) when there are fewer."""
+    picked = data.sample(n, seed, mask=correct_mask(model, data.images, data.labels), shrink=True)
+    for note in picked.notes[len(data.notes):]:
+        print(f"note: {what}: {note}")
+    return picked
 
 
 class _Timer:
@@ -145,7 +155,7 @@ def _fit_unsupervised(cfg: Config, bundle_detector: PathScore, train: ImageSet, 
 def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore) -> int:
     """Train the supervised detectors on seen attacks of validation images;
     returns how many validation images were attacked."""
-    supset = first_correct(run.model, val, run.cfg.n_supervised)
+    supset = correct_sample(run.model, val, run.cfg.n_supervised, run.cfg.seed, "supervised training images")
     clean, adversarial, noisy = [], [], []
     for name in run.cfg.supervised_attacks:
         aset = run.attack(supset, name)
@@ -219,14 +229,16 @@ def evaluate(cfg: Config) -> dict:
     model = bundle.decoupled
     path = load_detector(bundle)
     with timer.section("data and baselines fit"):
-        test = load_dataset(cfg.dataset, "test", cfg.data_root)
-        train, val = split_of(bundle, load_dataset(cfg.dataset, "train", cfg.data_root))
+        spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+        test = load_for(bundle, spec, "test")
+        train, val = train_validation(bundle, spec)
         if cfg.limit_train:
             train = train.head(cfg.limit_train)
         detectors = _fit_unsupervised(cfg, path, train, model)
         needs = any("activations" in DETECTORS[n].requires for n in cfg.supervised + cfg.unsupervised
                     if n != BUNDLE_DETECTOR)
-        run = _Run(cfg, model, detectors, first_correct(model, test, cfg.n), needs, timer)
+        evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
+        run = _Run(cfg, model, detectors, evalset, needs, timer)
     with timer.section("supervised training"):
         n_supervised = _fit_supervised(run, val, path)
     clean_batch = run.observe(run.evalset.images)
@@ -249,7 +261,9 @@ def evaluate(cfg: Config) -> dict:
         },
         "attacks": results,
         "samples": {"evaluation": len(run.evalset), "supervised_training_validation_images": n_supervised,
-                    "baseline_training_images": len(train)},
+                    "baseline_training_images": len(train), "selection": "class-stratified, seeded, among the "
+                    "correctly classified images", "evaluation_per_class": class_counts(run.evalset.labels)},
+        "data": spec.to_json(),
         "config": as_json(cfg), "seed": cfg.seed, "versions": versions(),
         "timing_seconds": timer.sections, "wall_seconds": time.time() - started,
     }

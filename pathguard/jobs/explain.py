@@ -46,7 +46,7 @@ import torch
 
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
 from pathguard.detector.bundle import load_bundle
-from pathguard.detector.data import DatasetError, load_dataset
+from pathguard.detector.data import DATASETS, DatasetError
 from pathguard.detector.interpret import (
     DEFAULT_TOP_K, LayerInfo, class_on_frequency, effective_path_similarity, effective_paths, gated_layers,
     json_matrix, json_number, json_rows_or_null, pairwise_class_jaccard, specific_filters,
@@ -54,6 +54,7 @@ from pathguard.detector.interpret import (
 from pathguard.detector.paths import extract_paths, layer_jaccard
 
 from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .data import data_spec, load_for
 
 DEFAULT_N = 2000
 DEFAULT_OUTPUT = "reports/explain"
@@ -459,10 +460,12 @@ def explain(bundle, images: torch.Tensor, labels: torch.Tensor | None, image: to
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str = option("fashion-mnist", "dataset name")
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
     split: str = option("test", "split to read images from", choices=("train", "test"))
-    n: int = option(DEFAULT_N, "class statistics from the first N images of the split", minimum=1)
+    n: int = option(DEFAULT_N, "class statistics from N images of the split, class-stratified", minimum=1)
+    seed: int = option(0, "seed of the image sample")
     image_index: int = option(0, "index in the split of the image to explain", minimum=0)
     top_k: int = option(DEFAULT_TOP_K, "most specific filters per class and layer", minimum=1)
     dpi: int = option(DEFAULT_DPI, "figure resolution", minimum=1)
@@ -472,15 +475,15 @@ class Config:
 def run(cfg: Config) -> dict:
     check(cfg)
     bundle = load_bundle(cfg.bundle)
-    data = load_dataset(cfg.dataset, cfg.split, cfg.data_root)
-    if data.shape != bundle.input_shape:
-        raise DatasetError(f"{cfg.dataset} images are {data.shape}, the bundle expects {bundle.input_shape}")
+    spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+    data = load_for(bundle, spec, cfg.split)
     if cfg.image_index >= len(data):
         raise DatasetError(f"--image-index {cfg.image_index} is outside the {cfg.split} split "
                            f"({len(data)} images)")
-    chosen = data.head(cfg.n)
-    source = {"bundle": str(bundle.path), "bundle_digest": bundle.digest, "dataset": cfg.dataset,
-              "split": cfg.split, "n": len(chosen), "selection": f"first {len(chosen)} images of the split",
+    chosen = data.sample(cfg.n, cfg.seed, shrink=True)
+    source = {"bundle": str(bundle.path), "bundle_digest": bundle.digest, "dataset": spec.dataset,
+              "split": cfg.split, "n": len(chosen),
+              "selection": f"{len(chosen)} images of the split, class-stratified (seed {cfg.seed})",
               "image_index": cfg.image_index}
     result = explain(bundle, chosen.images, chosen.labels, data.images[cfg.image_index], cfg.output,
                      image_index=cfg.image_index, image_label=int(data.labels[cfg.image_index]),

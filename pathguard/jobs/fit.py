@@ -1,15 +1,20 @@
 """`pathguard fit`: fit the path scores, choose one, set the threshold.
 
-1. The bundle's own train/validation split is rebuilt (same seed and
-   fraction as training), so validation images were never trained on.
+1. The bundle's own data and train/validation split are rebuilt (same
+   data, seed and fraction as training), so validation images were never
+   trained on.
 2. Every candidate path score (detector.scores.PATH_SCORES) is fitted on
    the clean *training* part only.
-3. Ablation: every score is tried on adversarial examples (FGSM, PGD and CW
-   by default) of correctly classified *validation* images; the score with
-   the best mean AUROC becomes the bundle's detector.  The test split is
-   not touched.
+3. The validation part is cut, class-stratified and seeded, into two
+   disjoint splits: the *ablation* pool and the *calibration* split.
+   Ablation: every score is tried on adversarial examples (FGSM, PGD and CW
+   by default) of correctly classified images of the pool; the score with
+   the best mean AUROC becomes the bundle's detector.
 4. The threshold is the (1 - target FPR) quantile of the scores of the
-   remaining clean validation images.
+   clean calibration images.  Fewer than MIN_CALIBRATION correctly
+   classified images there is refused.
+5. The threshold's false-positive rate is then checked on the test split
+   (reported, never used for a choice) and printed.
 The detector is written into the bundle (detector.bundle.save_detector).
 """
 
@@ -24,19 +29,26 @@ import torch
 from pathguard.attacks.generate import generate_attack_set
 from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import Bundle, load_bundle, save_detector, update_bundle_card
-from pathguard.detector.data import DATASETS, ImageSet, load_dataset, train_val_split
+from pathguard.detector.data import DATASETS, ImageSet
 from pathguard.detector.detectors import PATH_SCORES, PathScore, make_detector
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import PathBatch, correct_mask, extract_paths, observe
+from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
 from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
+from .data import data_spec, load_for, train_validation
+
+# A threshold is a (1 - FPR) quantile: with fewer clean images its FPR is
+# too uncertain (at 5% and 250 images the standard error is 1.4 points).
+MIN_CALIBRATION = 250
 
 
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory to fit")
-    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
     score: str = option("auto", "path score; auto = the ablation's winner", choices=("auto", *PATH_SCORES))
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)
@@ -49,13 +61,28 @@ class Config:
     progress: bool = option(True, "progress bars")
 
 
-def split_of(bundle: Bundle, train: ImageSet) -> tuple[ImageSet, ImageSet]:
-    """The bundle's training/validation split of ``train``."""
-    cfg = bundle.training.get("config", {})
-    seed, fraction = cfg.get("seed", 0), cfg.get("val_fraction", 0.1)
-    n = cfg.get("limit_train") or len(train)
-    train_idx, val_idx = train_val_split(min(n, len(train)), fraction, seed)
-    return train.subset(train_idx), train.subset(val_idx)
+def validation_splits(model, val: ImageSet, n_ablation: int, seed: int) -> tuple[ImageSet, ImageSet, list[str]]:
+    """(ablation images, calibration images, notes): disjoint, stratified,
+    seeded.  The ablation pool is sized for n_ablation correctly classified
+    images (at most half the validation part); the rest calibrates."""
+    notes = []
+    correct = correct_mask(model, val.images, val.labels)
+    accuracy = max(float(correct.float().mean()), 1e-3)
+    pool = min(int(np.ceil(n_ablation / accuracy / 0.95)), len(val) // 2)
+    parts = stratified_split(val.labels, {"ablation": pool, "calibration": len(val) - pool}, seed)
+    calibration = val.subset(parts["calibration"])
+    n_ok = int(correct[parts["calibration"]].sum())
+    if n_ok < MIN_CALIBRATION:
+        raise SplitError(
+            f"calibration split: only {n_ok} correctly classified clean images (of {len(calibration)}), at least "
+            f"{MIN_CALIBRATION} are needed for a {MIN_CALIBRATION}-image threshold; train with more data or a "
+            f"larger --val-fraction (the validation part has {len(val)} images)")
+    pool_ok = parts["ablation"][correct[parts["ablation"]]]
+    if len(pool_ok) < n_ablation:
+        notes.append(f"ablation: {len(pool_ok)} correctly classified validation images, not the "
+                     f"{n_ablation} asked for (the rest of the validation part calibrates the threshold)")
+    ablation_set = val.subset(pool_ok[:n_ablation])
+    return ablation_set, calibration, notes
 
 
 def ablation(candidates: dict[str, PathScore], clean: PathBatch, adversarial: dict) -> dict:
@@ -87,36 +114,49 @@ def fit_bundle(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     bundle = load_bundle(cfg.bundle)
     model = bundle.decoupled
-    train, val = split_of(bundle, load_dataset(cfg.dataset, "train", cfg.data_root))
+    spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+    train, val = train_validation(bundle, spec)
     if cfg.limit_train:
         train = train.head(cfg.limit_train)
+    ablation_set, calibration, notes = validation_splits(model, val, cfg.n_ablation, cfg.seed)
+    for note in notes:
+        print(f"note: {note}")
     train_batch = observe(model, train.images)
     names = PATH_SCORES if cfg.score == "auto" else (cfg.score,)
     candidates = {name: make_detector(name, target_fpr=cfg.target_fpr, smoothing=cfg.smoothing).fit(train_batch)
                   for name in names}
-
-    ablation_idx = torch.nonzero(correct_mask(model, val.images, val.labels)).flatten()[:cfg.n_ablation]
-    ablation_set = val.subset(ablation_idx)
-    rest = torch.ones(len(val), dtype=torch.bool)
-    rest[ablation_idx] = False
-    calibration = val.subset(torch.nonzero(rest).flatten())
-
     table = ablation(candidates, observe(model, ablation_set.images), _attack_batches(model, ablation_set, cfg))
     chosen = max(table, key=lambda s: table[s]["mean_auroc"]) if cfg.score == "auto" else cfg.score
     detector = candidates[chosen].calibrate(observe(model, calibration.images))
-
     summary = {
-        "fitted_on": {"clean_train_images": len(train), "dataset": cfg.dataset},
-        "calibration": {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr},
+        "fitted_on": {"clean_train_images": len(train), "data": spec.to_json()},
+        "calibration": {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr,
+                        "per_class": class_counts(calibration.labels)},
         "ablation": {"validation_images": len(ablation_set), "attacks": list(cfg.ablation_attacks),
                      "seed": cfg.seed, "results": table, "chosen": chosen, "rule": "best mean AUROC"},
+        "threshold_check": threshold_check(bundle, spec, detector),
+        "notes": notes,
         "fit_config": as_json(cfg),
         "wall_seconds": time.time() - started,
     }
     save_detector(bundle.path, detector, summary)
     update_bundle_card(bundle.path, {"detector": {"score": chosen, "threshold": detector.threshold_,
-                                                  "target_fpr": cfg.target_fpr, "ablation": table}})
+                                                  "target_fpr": cfg.target_fpr, "ablation": table,
+                                                  "threshold_check": summary["threshold_check"]}})
     return {"score": chosen, "threshold": detector.threshold_, **summary}
+
+
+def threshold_check(bundle: Bundle, spec, detector: PathScore) -> dict:
+    """The stored threshold's false-positive rate on the clean test split
+    (held out from everything fit chose): all images, and those the model
+    classifies correctly."""
+    test = load_for(bundle, spec, "test")
+    batch = observe(bundle.decoupled, test.images)
+    flags = detector.predict(batch)
+    correct = (batch.predictions == test.labels).numpy()
+    return {"test_images": len(test), "fpr_all": float(flags.mean()),
+            "fpr_correctly_classified": float(flags[correct].mean()) if correct.any() else None,
+            "target_fpr": detector.target_fpr}
 
 
 def run(cfg: Config) -> dict:
@@ -125,6 +165,10 @@ def run(cfg: Config) -> dict:
     for score, row in sorted(result["ablation"]["results"].items(), key=lambda kv: -kv[1]["mean_auroc"]):
         per = ", ".join(f"{a}={v:.4f}" for a, v in row["auroc"].items())
         print(f"  {score:18s} mean={row['mean_auroc']:.4f}  {per}")
-    print(f"chosen score: {result['score']}; threshold {result['threshold']:.6g} "
-          f"(target FPR {cfg.target_fpr}) written to {cfg.bundle}")
+    check_ = result["threshold_check"]
+    print(f"chosen score: {result['score']}; threshold {result['threshold']:.6g} (target FPR {cfg.target_fpr}, "
+          f"calibrated on {result['calibration']['clean_validation_images']} clean validation images) "
+          f"written to {cfg.bundle}")
+    print(f"threshold check on the {check_['test_images']} clean test images: FPR {check_['fpr_all']:.4f} "
+          f"(correctly classified ones: {check_['fpr_correctly_classified']:.4f})")
     return result

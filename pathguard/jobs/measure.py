@@ -10,23 +10,25 @@ import json
 from dataclasses import dataclass
 
 from pathguard.detector.bundle import load_bundle, update_bundle_card
-from pathguard.detector.data import DATASETS, load_dataset
+from pathguard.detector.data import DATASETS
 from pathguard.detector.measure import measure_card
 
 from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .data import data_spec, load_for
 
 
 @dataclass
 class Config:
     bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
 
 
 def run(cfg: Config) -> dict:
     check(cfg)
     bundle = load_bundle(cfg.bundle)
-    test = load_dataset(cfg.dataset, "test", cfg.data_root)
+    test = load_for(bundle, data_spec(bundle, cfg.dataset, cfg.data_root), "test")
     card = measure_card(bundle.decoupled, bundle.plain, test, None)
     update_bundle_card(bundle.path, {"test": card["test"]})
     print(json.dumps(card["test"], indent=2))

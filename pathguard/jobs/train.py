@@ -26,7 +26,9 @@ from tqdm import tqdm
 
 from pathguard.detector.artifacts import atomic_save_tensors, load_tensors
 from pathguard.detector.bundle import DEFAULT_BUNDLE, state_dict_copy, write_bundle
-from pathguard.detector.data import DATASETS, ImageSet, load_dataset, train_val_split
+from pathguard.detector.data import (
+    DATASETS, RESIZE_RULES, DataSpec, ImageSet, load_split, normalisation_stats, resolve_spec, train_val_split,
+)
 from pathguard.detector.losses import DecouplingWeights, decoupling_loss
 from pathguard.detector.measure import evaluate_accuracy, measure_card, versions
 from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for
@@ -41,7 +43,17 @@ class Config:
     flags reproduces its configuration."""
 
     dataset: str = option("fashion-mnist", "dataset name", choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the dataset's own)", kind=str)
+    data_root: str | None = option(None, "dataset directory (default: the dataset's own); for folder: "
+                                   "root/train/<class>/ and root/test/<class>/, or root/<class>/", kind=str)
+    image_size: int | None = option(None, "bring images to this square size (default: their own size)",
+                                    kind=int, minimum=1)
+    channels: int | None = option(None, "1 = grey, 3 = RGB (default: the data's own; a folder with any colour "
+                                  "image is RGB)", kind=int, choices=(1, 3))
+    resize: str = option("pad", "how an image of another size is brought to --image-size: pad (keep the aspect "
+                         "ratio, pad with the border colour), crop (centre crop), stretch, or none (refuse)",
+                         choices=RESIZE_RULES)
+    test_fraction: float = option(0.2, "folder with one sub-folder per class: share of each class held out "
+                                  "as the test split", minimum=0)
     architecture: str = option("vgg-small", "backbone", choices=tuple(ARCHITECTURES))
     output: str = option("runs/fmnist-default", "bundle directory to write (never the shipped bundle by default)")
     force: bool = option(False, "replace an existing bundle at --output")
@@ -206,20 +218,30 @@ class _Data:
     val: ImageSet
     test: ImageSet
     classes: tuple
+    record: dict  # data.json of the bundle
 
 
 def _load_data(cfg: Config) -> _Data:
-    full_train = load_dataset(cfg.dataset, "train", cfg.data_root)
-    test = load_dataset(cfg.dataset, "test", cfg.data_root)
+    spec = resolve_spec(DataSpec(cfg.dataset, cfg.data_root, cfg.image_size, cfg.channels, cfg.resize,
+                                 cfg.test_fraction, cfg.seed))
+    full_train, test = load_split(spec, "train"), load_split(spec, "test")
+    for note in dict.fromkeys(full_train.notes + test.notes):
+        print(f"note: {note}")
     if cfg.limit_train:
         full_train = full_train.head(cfg.limit_train)
     if cfg.limit_test:
         test = test.head(cfg.limit_test)
-    train_idx, val_idx = train_val_split(len(full_train), cfg.val_fraction, cfg.seed)
     c, h, w = full_train.shape
     if h != w:
-        raise ValueError(f"square images expected, got {h}x{w}")
-    return _Data(full_train.subset(train_idx), full_train.subset(val_idx), test, full_train.classes)
+        raise ValueError(f"the images are {h}x{w}: pass --image-size to bring them to a square size")
+    train_idx, val_idx = train_val_split(len(full_train), cfg.val_fraction, cfg.seed)
+    train = full_train.subset(train_idx)
+    mean, std = normalisation_stats(train)
+    record = {"spec": spec.to_json(), "notes": list(dict.fromkeys(full_train.notes + test.notes)),
+              "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "limit_train": cfg.limit_train,
+                        "train": len(train), "validation": len(val_idx), "test": len(test)},
+              "normalisation": {"mean": list(mean), "std": list(std), "computed_on": "the train part"}}
+    return _Data(train, full_train.subset(val_idx), test, full_train.classes, record)
 
 
 def _stage2(cfg: Config, arch, plain: ConvNet, steps: int) -> tuple[_Stage, _Stage]:
@@ -245,7 +267,8 @@ def train(cfg: Config) -> Path:
     started = time.time()
     data = _load_data(cfg)
     c, h, _ = data.train.shape
-    arch = architecture_for(cfg.architecture, c, h, len(data.classes))
+    norm = data.record["normalisation"]
+    arch = architecture_for(cfg.architecture, c, h, len(data.classes), norm["mean"], norm["std"])
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(len(data.train) / cfg.batch_size)
     weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio)
@@ -297,7 +320,7 @@ def _write(cfg: Config, arch, data: _Data, stages: tuple, interrupted: str | Non
         "wall_seconds": seconds,
         "versions": versions(),
     }
-    return write_bundle(cfg.output, arch, data.classes, decoupled, plain, training, card)
+    return write_bundle(cfg.output, arch, data.classes, decoupled, plain, training, card, data.record)
 
 
 def run(cfg: Config) -> Path:

@@ -1,0 +1,297 @@
+"""Your own images, end to end: a folder of PNGs/JPEGs -> a served bundle.
+
+A small real folder is made from Fashion-MNIST (4 classes, train/ + test/
+layout, 200 training and 60 test images per class), with what a user's
+folder has: mixed sizes (some saved at 32x32), some RGB (grey replicated or
+lightly tinted), some JPEG.  Then the documented walk (docs/own-images.md)
+runs through ``pathguard.cli.main``: train, fit, measure, evaluate, and the
+service on the resulting bundle.  Nothing is mocked; every assertion is on
+what the commands wrote or printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pathguard.cli import main
+from pathguard.detector.bundle import load_bundle
+from pathguard.detector.data import DataSpec, load_dataset, load_split
+from pathguard.detector.inspection import Inspector
+from pathguard.service.app import create_app
+from pathguard.service.settings import Settings
+
+torch.set_num_threads(1)
+
+# Fashion-MNIST label -> folder name (no '/' in these four).
+CLASSES = {1: "Trouser", 7: "Sneaker", 8: "Bag", 9: "Ankle boot"}
+FOLDER_CLASSES = sorted(CLASSES.values())  # the loader's class order: sorted folder names
+PER_CLASS = {"train": 200, "test": 60}
+TINT = np.array([1.0, 0.93, 0.85])  # a light warm tint of an RGB copy
+
+
+def _variant(k: int) -> dict:
+    """How the k-th image of a class folder is saved."""
+    return {"big": k % 7 == 3,            # saved at 32x32 (resized up with Pillow)
+            "rgb": k % 5 == 1,            # saved as RGB ...
+            "tint": k % 10 == 6,          # ... lightly tinted (k % 10 == 6 implies k % 5 == 1)
+            "jpeg": k % 6 == 5}
+
+
+def _save(pixels: np.ndarray, path: Path, variant: dict) -> None:
+    img = Image.fromarray(pixels, "L")
+    if variant["big"]:
+        img = img.resize((32, 32), Image.Resampling.BILINEAR)
+    if variant["rgb"]:
+        grey = np.asarray(img, dtype=np.float64)[:, :, None]
+        rgb = grey * (TINT if variant["tint"] else np.ones(3))
+        img = Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8), "RGB")
+    if variant["jpeg"]:
+        img.save(path, "JPEG", quality=95)
+    else:
+        img.save(path, "PNG")
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    """``pathguard`` ARGV in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> dict:
+    """ROOT/train/<class>/ and ROOT/test/<class>/ from real Fashion-MNIST
+    images (train from its train split, test from its test split), seeded;
+    returns the root and what was saved how."""
+    root = tmp_path_factory.mktemp("own-images") / "photos"
+    saved = {"train": [], "test": []}
+    for split, n in PER_CLASS.items():
+        data = load_dataset("fashion-mnist", split)
+        labels = data.labels.numpy()
+        rng = np.random.default_rng({"train": 11, "test": 12}[split])
+        for label, name in CLASSES.items():
+            (root / split / name).mkdir(parents=True)
+            picks = np.sort(rng.choice(np.flatnonzero(labels == label), n, replace=False))
+            for k, i in enumerate(picks):
+                variant = _variant(k)
+                path = root / split / name / f"{i:05d}.{'jpg' if variant['jpeg'] else 'png'}"
+                _save((data.images[i, 0].numpy() * 255).round().astype(np.uint8), path, variant)
+                saved[split].append({"path": path, "class": name, **variant})
+    return {"root": root, "saved": saved}
+
+
+def _count(folder: dict, split: str, key: str) -> int:
+    return sum(1 for f in folder["saved"][split] if f[key])
+
+
+@pytest.fixture(scope="module")
+def walk(folder, tmp_path_factory) -> dict:
+    """train -> fit -> measure -> evaluate on the folder, as a user runs them."""
+    work = tmp_path_factory.mktemp("walk")
+    bundle, report = work / "my-bundle", work / "report"
+    root = str(folder["root"])
+    train = ["train", "--dataset", "folder", "--data-root", root, "--image-size", "28", "--channels", "1",
+             "--val-fraction", "0.5", "--epochs-plain", "1", "--epochs-decoupled", "1", "--batch-size", "32",
+             "--output", str(bundle), "--no-progress"]
+    steps = {"train": _run(train)}
+    assert steps["train"][0] == 0, steps["train"]
+    steps["fit"] = _run(["fit", "--bundle", str(bundle), "--n-ablation", "30", "--ablation-attacks", "fgsm", "pgd",
+                         "--no-progress"])
+    assert steps["fit"][0] == 0, steps["fit"]
+    steps["measure"] = _run(["measure", "--bundle", str(bundle)])
+    assert steps["measure"][0] == 0, steps["measure"]
+    return {"bundle": bundle, "work": work, "train_argv": train, "steps": steps, **folder}
+
+
+EVALUATE = ["--quick", "--quick-n", "20", "--attacks", "fgsm", "pgd", "--no-progress", "--no-update-card"]
+
+
+@pytest.fixture(scope="module")
+def evaluation(walk) -> dict:
+    """A quick evaluation of the bundle on its own data (the path-supervised
+    baseline only: see test_evaluate_quick_with_the_default_detectors)."""
+    report = walk["work"] / "report"
+    code, out, err = _run(["evaluate", "--bundle", str(walk["bundle"]), "--output", str(report),
+                           "--supervised", "path-supervised", *EVALUATE])
+    assert code == 0, (out, err)
+    return _json(report / "report.json")
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------ train
+
+def test_bundle_records_the_folder_it_was_trained_on(walk):
+    data = _json(walk["bundle"] / "data.json")
+    spec = data["spec"]
+    assert spec["dataset"] == "folder"
+    assert Path(spec["root"]) == walk["root"]
+    assert spec["layout"] == "train-test"
+    assert spec["classes"] == FOLDER_CLASSES
+    assert spec["shape"] == [1, 28, 28] and spec["channels"] == 1 and spec["image_size"] == 28
+    assert spec["resize"] == "pad" and spec["fingerprint"]
+    n_train = len(walk["saved"]["train"])
+    assert data["split"]["train"] + data["split"]["validation"] == n_train
+    assert data["split"]["validation"] == round(0.5 * n_train) and data["split"]["test"] == len(walk["saved"]["test"])
+    bundle = load_bundle(walk["bundle"])
+    assert bundle.classes == tuple(FOLDER_CLASSES) and bundle.input_shape == (1, 28, 28)
+    assert bundle.data_spec == DataSpec.from_json(spec)
+
+
+def test_normalisation_comes_from_the_training_part(walk):
+    data = _json(walk["bundle"] / "data.json")
+    norm = data["normalisation"]
+    assert norm["computed_on"] == "the train part"
+    # recompute it from the train part of the folder, split as the bundle records
+    from pathguard.detector.data import normalisation_stats, train_val_split
+
+    full = load_split(DataSpec.from_json(data["spec"]), "train")
+    train_idx, _ = train_val_split(len(full), data["split"]["val_fraction"], data["split"]["seed"])
+    mean, std = normalisation_stats(full.subset(train_idx))
+    assert norm["mean"] == pytest.approx(list(mean), rel=1e-6)
+    assert norm["std"] == pytest.approx(list(std), rel=1e-6)
+    arch = load_bundle(walk["bundle"]).arch
+    assert list(arch.mean) == pytest.approx(norm["mean"]) and list(arch.std) == pytest.approx(norm["std"])
+    assert abs(arch.mean[0] - 0.2860) > 1e-3  # not Fashion-MNIST's constants
+
+
+def test_train_says_what_it_converted(walk):
+    out = walk["steps"]["train"][1]
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    for split in ("train", "test"):
+        resized, rgb = _count(walk, split, "big"), _count(walk, split, "rgb")
+        assert resized and rgb
+        assert any(f"resized {resized} image(s) to 28x28 (pad:" in n for n in notes), (split, notes)
+        assert any(f"converted {rgb} colour image(s) to grey" in n for n in notes), (split, notes)
+    # and the bundle keeps the notes
+    recorded = _json(walk["bundle"] / "data.json")["notes"]
+    assert any(f"resized {_count(walk, 'train', 'big')} image(s)" in n for n in recorded)
+    assert "bundle written to" in out
+
+
+def test_train_refuses_to_overwrite_without_force(walk, capsys):
+    before = (walk["bundle"] / "manifest.json").read_bytes()
+    code = main(walk["train_argv"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pathguard train: error:" in err and "exists" in err and "--force" in err
+    assert (walk["bundle"] / "manifest.json").read_bytes() == before
+
+
+# -------------------------------------------------------------------- fit
+
+def test_fit_reads_the_bundles_folder_by_default(walk):
+    profile = _json(walk["bundle"] / "profile.json")
+    n_test = len(walk["saved"]["test"])
+    assert profile["fitted_on"]["data"]["dataset"] == "folder"
+    assert Path(profile["fitted_on"]["data"]["root"]) == walk["root"]
+    check = profile["threshold_check"]
+    assert check["test_images"] == n_test
+    assert 0.0 <= check["fpr_all"] <= 1.0 and check["target_fpr"] == 0.05
+    split = _json(walk["bundle"] / "data.json")["split"]
+    assert profile["fitted_on"]["clean_train_images"] == split["train"]
+    # ablation pool + calibration split = the validation part, disjoint
+    assert profile["calibration"]["clean_validation_images"] >= 250
+    assert profile["ablation"]["validation_images"] <= 30
+    assert profile["ablation"]["attacks"] == ["fgsm", "pgd"]
+    assert sorted(int(c) for c in profile["calibration"]["per_class"]) == [0, 1, 2, 3]
+    out = walk["steps"]["fit"][1]
+    assert f"threshold check on the {n_test} clean test images: FPR {check['fpr_all']:.4f}" in out
+    card = _json(walk["bundle"] / "model_card.json")
+    assert card["detector"]["threshold_check"] == check
+
+
+def test_fit_refuses_data_with_other_classes(walk, capsys):
+    before = (walk["bundle"] / "profile.json").read_bytes()
+    code = main(["fit", "--bundle", str(walk["bundle"]), "--dataset", "fashion-mnist", "--n-ablation", "30",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pathguard fit: error:" in err and "classes" in err
+    assert "T-shirt/top" in err and "Ankle boot" in err  # names both class lists
+    assert (walk["bundle"] / "profile.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------- measure
+
+def test_measure_uses_the_folders_test_split(walk):
+    out = walk["steps"]["measure"][1]
+    figures = json.loads(out[out.index("{"):])
+    assert figures["images"] == len(walk["saved"]["test"])
+    assert figures["decoupled_accuracy"] > 0.7  # 4 easy classes: well above chance (0.25)
+    assert _json(walk["bundle"] / "model_card.json")["test"]["images"] == len(walk["saved"]["test"])
+
+
+# --------------------------------------------------------------- evaluate
+
+def test_evaluate_samples_are_class_balanced(walk, evaluation):
+    report = evaluation
+    assert report["data"]["dataset"] == "folder" and Path(report["data"]["root"]) == walk["root"]
+    assert report["clean"]["all_test_images"] == len(walk["saved"]["test"])
+    per_class = {int(c): n for c, n in report["samples"]["evaluation_per_class"].items()}
+    assert sorted(per_class) == [0, 1, 2, 3]
+    assert sum(per_class.values()) == report["samples"]["evaluation"] == 20
+    assert max(per_class.values()) - min(per_class.values()) <= 1
+    assert set(report["attacks"]) == {"fgsm", "pgd"}
+    assert report["samples"]["supervised_training_validation_images"] == 20
+
+
+def test_evaluate_quick_with_the_default_detectors(walk, capsys):
+    """`evaluate --quick --quick-n 20` with the default detectors (LID among
+    them) must run on a small folder: few successful attacks leave LID fewer
+    clean examples than its k=20 neighbours need, and --quick shrinks its
+    reference minibatch but not k."""
+    report = walk["work"] / "report-default-detectors"
+    code = main(["evaluate", "--bundle", str(walk["bundle"]), "--output", str(report), *EVALUATE])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert set(_json(report / "report.json")["detectors"]["supervised"]) == {"path-supervised", "lid"}
+
+
+# ---------------------------------------------------------------- service
+
+def _pick(walk, **want) -> dict:
+    return next(f for f in walk["saved"]["test"] if all(f[k] == v for k, v in want.items()))
+
+
+def test_served_bundle_answers_for_the_folders_images(walk):
+    plain = _pick(walk, big=False, rgb=False, jpeg=False)        # a 28x28 grey PNG
+    big_rgb = _pick(walk, big=True, rgb=True, jpeg=False)        # a 32x32 RGB PNG
+    assert Image.open(big_rgb["path"]).size == (32, 32) and Image.open(big_rgb["path"]).mode == "RGB"
+
+    with TestClient(create_app(Settings(bundle=walk["bundle"], torch_threads=1))) as client:
+        model = client.get("/model")
+        assert model.status_code == 200, model.text
+        files = [("files", (f["path"].name, f["path"].read_bytes(), "image/png")) for f in (plain, big_rgb)]
+        refused = client.post("/detect", files=files)
+        assert refused.status_code == 422 and "resize" in refused.json()["detail"]
+        response = client.post("/detect", files=files, params={"resize": "true"})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 2
+    threshold = _json(walk["bundle"] / "profile.json")["threshold"]
+    for result in results:
+        assert result["label"] in FOLDER_CLASSES
+        assert result["label"] == FOLDER_CLASSES[result["predicted_class"]]
+        assert isinstance(result["score"], float)
+        assert result["threshold"] == pytest.approx(threshold, rel=1e-12)
+        assert result["adversarial"] == (result["score"] > result["threshold"])
+    assert [r["resized"] for r in results] == [False, True]
+
+    # the 28x28 PNG scores exactly as the same image read by the folder loader, offline
+    pixels = torch.from_numpy(np.asarray(Image.open(plain["path"]), dtype=np.float32) / 255.0)[None, None]
+    offline = Inspector.load(walk["bundle"]).inspect(pixels)[0]
+    assert results[0]["label"] == offline.label
+    assert results[0]["score"] == pytest.approx(offline.score, rel=1e-4, abs=1e-5)
