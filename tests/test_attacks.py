@@ -8,7 +8,6 @@ the success definition.  Everything runs on one CPU thread in a few seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from pathguard.detector.artifacts import ArtifactError, atomic_save_tensors, load_tensors
-from pathguard.detector.base import Detector, NotFittedError
+from pathguard.detector.artifacts import ArtifactError
+from pathguard.detector.base import NotFittedError
 from pathguard.detector.baselines import Mahalanobis, MaxSoftmax, mle_lid
 from pathguard.detector.bundle import load_bundle, load_detector, save_detector
 from pathguard.detector.detectors import make_detector

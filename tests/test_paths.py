@@ -12,8 +12,11 @@ from pathguard.detector.paths import (
     distinct_paths,
     extract_paths,
     jaccard_matrix,
+    layer_jaccard,
+    observe,
     path_summary,
     split_layers,
+    PathBatch,
 )
 
 
@@ -150,3 +153,39 @@ def test_path_summary_fields(tiny_model, images):
     assert len(summary["active_fraction"]["per_layer"]) == 2
     assert summary["active_fraction"]["mean"] == pytest.approx(float(batch.paths.mean()))
     assert set(summary["jaccard"]) == {"within_class", "between_class"}
+
+
+def test_per_block_forward_gives_any_layers_activations(tiny_model, images):
+    """run_block / block_activations compute exactly what the full forward
+    computes, block by block, and observe keeps every block's pooled features."""
+    trace = tiny_model.eval().trace(images, keep_activations=True, keep_blocks=True)
+    for index in range(len(tiny_model.blocks)):
+        assert torch.equal(tiny_model.block_activations(images, index), trace.activations[index])
+        assert torch.equal(trace.block_features[index], trace.activations[index].mean(dim=(2, 3)))
+    h = tiny_model.normalise(images)
+    for index in range(len(tiny_model.blocks)):
+        step = tiny_model.run_block(index, h)
+        h = step.output
+    assert torch.allclose(tiny_model.head(h.mean(dim=(2, 3))), trace.logits)
+    batch = observe(tiny_model, images, blocks=True, activations=True, batch_size=3)
+    assert len(batch.blocks) == len(tiny_model.blocks) and len(batch) == len(images)
+    assert torch.allclose(batch.blocks[0], trace.block_features[0])
+    assert len(batch.activations) == len(tiny_model.blocks) + 2  # + features and logits
+
+
+def test_layer_jaccard_per_layer_and_against_one_row():
+    paths = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    reference = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    sim = layer_jaccard(paths, reference, [2, 3])
+    assert torch.allclose(sim, torch.tensor([[0.5, 1.0], [0.0, 0.0]]))
+    assert layer_jaccard(torch.zeros(1, 2), torch.zeros(2), [2])[0, 0] == 1.0  # empty vs empty
+
+
+def test_path_batch_subset_and_concat_keep_every_field(tiny_model, images):
+    batch = observe(tiny_model, images, labels=torch.arange(10), blocks=True)
+    parts = [batch.subset(torch.arange(0, 4)), batch.subset(torch.arange(4, 10))]
+    joined = PathBatch.concat(parts)
+    for name in ("logits", "paths", "gate_logits", "features", "labels"):
+        assert torch.equal(getattr(joined, name), getattr(batch, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(joined.blocks, batch.blocks))
+    assert joined.widths == batch.widths == tiny_model.gated_widths

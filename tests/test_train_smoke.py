@@ -128,3 +128,24 @@ def test_shipped_bundle_matches_its_card(fmnist_test):
                  .float().mean())
     assert abs(100 * (full - card["decoupled_accuracy"])) <= 0.1
     assert len(bundle.card["test"]["active_fraction"]["per_layer"]) == len(bundle.decoupled.gated_widths)
+
+
+def test_defaults_are_the_shipped_recipe():
+    """`pathguard train` and `pathguard fit` with no flags reproduce the
+    shipped bundle's configuration (one source of defaults: the job Configs)."""
+    from dataclasses import asdict
+
+    from pathguard.jobs import fit
+
+    recorded = read_json(DEFAULT_BUNDLE / "training.json")["config"]
+    defaults = asdict(TrainConfig())
+    ignore = {"output", "init_plain", "progress"}  # where it was written, its stage-1 shortcut, the display
+    assert {k: v for k, v in recorded.items() if k not in ignore} == {
+        k: defaults[k] for k in recorded if k not in ignore}
+    recorded_fit = read_json(DEFAULT_BUNDLE / "profile.json")["fit_config"]
+    fit_defaults = asdict(fit.Config())
+    same = ("score", "target_fpr", "smoothing", "n_ablation", "seed", "limit_train")
+    assert {k: recorded_fit[k] for k in same} == {k: fit_defaults[k] for k in same}
+    assert list(fit_defaults["ablation_attacks"]) == recorded_fit["ablation_attacks"]
+    assert fit_defaults["dataset"] is None  # None = the bundle's own data (fashion-mnist here)
+    assert not Path(defaults["output"]).resolve() == DEFAULT_BUNDLE.resolve()  # never the shipped bundle

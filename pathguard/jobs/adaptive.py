@@ -17,22 +17,17 @@ import torch
 from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
 from pathguard.detector.bundle import load_bundle, load_detector
-from pathguard.detector.data import DATASETS
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import observe
 
-from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
+from .config import BundleOptions, as_json, check, option
 from .data import data_spec, load_for
 from .evaluate import correct_sample
 
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
     output: str = option("reports/default", "report directory (adaptive.json, adaptive.md)")
     n: int = option(300, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     lambdas: tuple = option((0.0, 1.0, 3.0, 10.0), "weights of the detector term (0 = plain PGD)", minimum=0)

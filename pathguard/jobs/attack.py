@@ -26,20 +26,15 @@ import torch
 from pathguard.attacks.generate import DEFAULT_BATCH_SIZE, generate_attack_set, save_attack_set
 from pathguard.attacks.presets import PRESETS, parse_override
 from pathguard.detector.bundle import load_bundle
-from pathguard.detector.data import DATASETS
 from pathguard.detector.paths import correct_mask
 from pathguard.detector.splits import stratified_sample
 
-from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .config import BundleOptions, check, option
 from .data import data_spec, load_for
 
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
     split: str = option("test", "split to attack", choices=("train", "test"))
     attack: tuple = option(("all",), "attacks to run, or 'all'", choices=(*PRESETS, "all"))
     n: int = option(2000, "attack N correctly classified images (class-stratified, seeded)", minimum=1)

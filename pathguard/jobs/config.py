@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from pathguard.detector.bundle import DEFAULT_BUNDLE
+from pathguard.detector.data import DATASETS
 
 DEFAULT_BUNDLE_TEXT = str(DEFAULT_BUNDLE)
 
@@ -55,3 +56,13 @@ def check(cfg) -> None:
 def as_json(cfg) -> dict:
     """The configuration as JSON (tuples become lists), for reports."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+@dataclasses.dataclass
+class BundleOptions:
+    """The options of every command that reads a bundle and its data."""
+
+    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
+    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
+                                 choices=DATASETS)
+    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)

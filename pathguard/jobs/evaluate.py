@@ -35,14 +35,14 @@ import torch
 from pathguard.attacks.generate import generate_attack_set, save_attack_set
 from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import load_bundle, load_detector, update_bundle_card
-from pathguard.detector.data import DATASETS, ImageSet
+from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import DETECTORS, Detector, PathScore, SupervisedPathDetector, make_detector
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
 from pathguard.detector.paths import PathBatch, correct_mask, observe
 from pathguard.detector.splits import class_counts
 
-from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
+from .config import BundleOptions, as_json, check, option
 from .data import data_spec, load_for, train_validation
 from .report import card_summary, markdown_table, write_report
 
@@ -53,11 +53,7 @@ BUNDLE_DETECTOR = "path"  # the bundle's own, already fitted and calibrated
 
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
     output: str = option("reports/default", "report directory")
     n: int = option(2000, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=ALL_ATTACKS)

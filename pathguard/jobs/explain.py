@@ -46,14 +46,14 @@ import torch
 
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
 from pathguard.detector.bundle import load_bundle
-from pathguard.detector.data import DATASETS, DatasetError
+from pathguard.detector.data import DatasetError
 from pathguard.detector.interpret import (
     DEFAULT_TOP_K, LayerInfo, class_on_frequency, effective_path_similarity, effective_paths, gated_layers,
     json_matrix, json_number, json_rows_or_null, pairwise_class_jaccard, specific_filters,
 )
 from pathguard.detector.paths import extract_paths, layer_jaccard
 
-from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .config import BundleOptions, check, option
 from .data import data_spec, load_for
 
 DEFAULT_N = 2000
@@ -458,11 +458,7 @@ def explain(bundle, images: torch.Tensor, labels: torch.Tensor | None, image: to
 # -------------------------------------------------------------------- CLI
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
     split: str = option("test", "split to read images from", choices=("train", "test"))
     n: int = option(DEFAULT_N, "class statistics from N images of the split, class-stratified", minimum=1)
     seed: int = option(0, "seed of the image sample")

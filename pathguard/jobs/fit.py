@@ -29,13 +29,13 @@ import torch
 from pathguard.attacks.generate import generate_attack_set
 from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import Bundle, load_bundle, save_detector, update_bundle_card
-from pathguard.detector.data import DATASETS, ImageSet
+from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import PATH_SCORES, PathScore, make_detector
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import PathBatch, correct_mask, extract_paths, observe
 from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
-from .config import DEFAULT_BUNDLE_TEXT, as_json, check, option
+from .config import BundleOptions, as_json, check, option
 from .data import data_spec, load_for, train_validation
 
 # A threshold is a (1 - FPR) quantile: with fewer clean images its FPR is
@@ -44,11 +44,7 @@ MIN_CALIBRATION = 250
 
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory to fit")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
     score: str = option("auto", "path score; auto = the ablation's winner", choices=("auto", *PATH_SCORES))
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)

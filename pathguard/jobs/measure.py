@@ -10,19 +10,15 @@ import json
 from dataclasses import dataclass
 
 from pathguard.detector.bundle import load_bundle, update_bundle_card
-from pathguard.detector.data import DATASETS
 from pathguard.detector.measure import measure_card
 
-from .config import DEFAULT_BUNDLE_TEXT, check, option
+from .config import BundleOptions, DEFAULT_BUNDLE_TEXT, check, option
 from .data import data_spec, load_for
 
 
 @dataclass
-class Config:
-    bundle: str = option(DEFAULT_BUNDLE_TEXT, "bundle directory")
-    dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
-                                 choices=DATASETS)
-    data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+class Config(BundleOptions):
+    """A bundle and the data to measure it on (default: the bundle's)."""
 
 
 def run(cfg: Config) -> dict:
