@@ -531,8 +531,9 @@ def _split_listing(spec: DataSpec, split: str) -> tuple[_Listing, list[str]]:
     return listing.select(index), notes + parts.notes
 
 
-def _fingerprint(root: Path) -> str:
+def folder_fingerprint(root: str | os.PathLike) -> str:
     """Digest of the relative names and byte sizes of the image files under root."""
+    root = Path(root)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         digest.update(f"{path.relative_to(root).as_posix()}\t{path.stat().st_size}\n".encode())
@@ -540,7 +541,7 @@ def _fingerprint(root: Path) -> str:
 
 
 def _check_fingerprint(spec: DataSpec) -> tuple[str, list[str]]:
-    current = _fingerprint(Path(spec.root))
+    current = folder_fingerprint(spec.root)
     if spec.fingerprint is None or spec.fingerprint == current:
         return current, []
     message = f"{spec.root}: the image files differ from those the data spec recorded (names or sizes changed)"

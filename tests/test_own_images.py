@@ -14,20 +14,21 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from PIL import Image
-
-from pathguard.cli import main
 from pathguard.detector.bundle import load_bundle
 from pathguard.detector.data import DataSpec, load_dataset, load_split
 from pathguard.detector.inspection import Inspector
 from pathguard.service.app import create_app
 from pathguard.service.settings import Settings
+from PIL import Image
+
+from pathguard.cli import main
 
 torch.set_num_threads(1)
 
@@ -96,9 +97,11 @@ def _count(folder: dict, split: str, key: str) -> int:
 
 @pytest.fixture(scope="module")
 def walk(folder, tmp_path_factory) -> dict:
-    """train -> fit -> measure -> evaluate on the folder, as a user runs them."""
+    """train -> fit -> measure on the folder, as a user runs them (1 + 1
+    epochs; --val-fraction 0.5 so that fit's calibration split has over 250
+    correctly classified images)."""
     work = tmp_path_factory.mktemp("walk")
-    bundle, report = work / "my-bundle", work / "report"
+    bundle = work / "my-bundle"
     root = str(folder["root"])
     train = ["train", "--dataset", "folder", "--data-root", root, "--image-size", "28", "--channels", "1",
              "--val-fraction", "0.5", "--epochs-plain", "1", "--epochs-decoupled", "1", "--batch-size", "32",
@@ -190,6 +193,22 @@ def test_train_refuses_to_overwrite_without_force(walk, capsys):
     assert (walk["bundle"] / "manifest.json").read_bytes() == before
 
 
+def test_a_relative_data_root_still_works_from_another_directory(walk, tmp_path, monkeypatch):
+    """`--data-root photos` is how users type it: the bundle must find the
+    folder again when a later command runs elsewhere."""
+    monkeypatch.chdir(walk["root"].parent)
+    bundle = tmp_path / "relative-bundle"
+    code, out, err = _run(["train", "--dataset", "folder", "--data-root", walk["root"].name, "--image-size", "28",
+                           "--channels", "1", "--val-fraction", "0.5", "--limit-train", "64", "--limit-test", "16",
+                           "--epochs-plain", "0", "--epochs-decoupled", "1", "--output", str(bundle),
+                           "--no-progress"])
+    assert code == 0, (out, err)
+    monkeypatch.chdir(tmp_path)  # elsewhere: no "photos" here
+    code, out, err = _run(["measure", "--bundle", str(bundle)])
+    assert code == 0, f"data.json records root {_json(bundle / 'data.json')['spec']['root']!r}: {err}"
+    assert json.loads(out[out.index("{"):])["images"] == len(walk["saved"]["test"])
+
+
 # -------------------------------------------------------------------- fit
 
 def test_fit_reads_the_bundles_folder_by_default(walk):
@@ -209,6 +228,8 @@ def test_fit_reads_the_bundles_folder_by_default(walk):
     assert sorted(int(c) for c in profile["calibration"]["per_class"]) == [0, 1, 2, 3]
     out = walk["steps"]["fit"][1]
     assert f"threshold check on the {n_test} clean test images: FPR {check['fpr_all']:.4f}" in out
+    assert f"note: folder at {walk['root']} (train): resized {_count(walk, 'train', 'big')} image(s)" in out
+    assert "instead of the bundle's" not in out  # no other data was named
     card = _json(walk["bundle"] / "model_card.json")
     assert card["detector"]["threshold_check"] == check
 
@@ -222,6 +243,26 @@ def test_fit_refuses_data_with_other_classes(walk, capsys):
     assert "pathguard fit: error:" in err and "classes" in err
     assert "T-shirt/top" in err and "Ankle boot" in err  # names both class lists
     assert (walk["bundle"] / "profile.json").read_bytes() == before
+
+
+def test_fit_refuses_a_training_folder_that_changed(walk, tmp_path, capsys):
+    """One image added to train/ after training: the train/validation cut is
+    a seeded permutation of the training files, so it no longer matches the
+    recorded one and the calibration split would hold images the network
+    was trained on.  fit must refuse (as the one-folder layout already is),
+    not go on with a note."""
+    bundle = shutil.copytree(walk["bundle"], tmp_path / "bundle")
+    source = next(f["path"] for f in walk["saved"]["train"] if f["class"] == "Bag" and not f["jpeg"])
+    extra = walk["root"] / "train" / "Bag" / "added-later.png"
+    shutil.copy(source, extra)
+    try:
+        code = main(["fit", "--bundle", str(bundle), "--n-ablation", "30", "--ablation-attacks", "fgsm",
+                     "--no-progress"])
+    finally:
+        extra.unlink()
+    captured = capsys.readouterr()
+    assert code == 2, "fit went on: " + next((line for line in captured.out.splitlines() if "differ" in line), "")
+    assert "image files changed since the bundle was trained" in captured.err
 
 
 # ---------------------------------------------------------------- measure

@@ -11,9 +11,10 @@ train/validation split as in training is rebuilt from the bundle.
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 from pathguard.detector.bundle import Bundle
-from pathguard.detector.data import DatasetError, DataSpec, ImageSet, load_split, train_val_split
+from pathguard.detector.data import DatasetError, DataSpec, ImageSet, folder_fingerprint, load_split, train_val_split
 
 
 def data_spec(bundle: Bundle, dataset: str | None = None, data_root: str | None = None) -> DataSpec:
@@ -23,6 +24,7 @@ def data_spec(bundle: Bundle, dataset: str | None = None, data_root: str | None 
     if dataset is None and data_root is None:
         return spec
     dataset = dataset or spec.dataset
+    data_root = None if data_root is None else str(Path(data_root).resolve())
     print(f"note: reading {dataset}" + (f" at {data_root}" if data_root else "")
           + f" instead of the bundle's {spec.dataset}" + (f" at {spec.root}" if spec.root else ""))
     return replace(spec, dataset=dataset, root=data_root, layout=None, classes=None, shape=None, fingerprint=None)
@@ -46,6 +48,11 @@ def load_for(bundle: Bundle, spec: DataSpec, split: str) -> ImageSet:
 def train_validation(bundle: Bundle, spec: DataSpec) -> tuple[ImageSet, ImageSet]:
     """The training split of ``spec``, cut into the bundle's train and
     validation parts exactly as in training."""
+    if spec.dataset == "folder" and spec.fingerprint and folder_fingerprint(spec.root) != spec.fingerprint:
+        # The split is a seeded shuffle over the files: with other files it is another split, and
+        # images the network trained on would land in the validation part.
+        raise DatasetError(f"{spec.root}: the image files changed since the bundle was trained, so its "
+                           "train/validation split cannot be rebuilt; retrain, or restore the folder")
     full = load_for(bundle, spec, "train")
     split = bundle.split
     n = min(split.get("limit_train") or len(full), len(full))

@@ -168,8 +168,10 @@ def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore) -> int
             # its profile: the bundle's, fitted on all clean training images
             detector = SupervisedPathDetector(seed=run.cfg.seed, profile_from=bundle_detector)
         if name == "lid":  # the paper's negatives: clean and noisy copies
-            # a reference minibatch of at most half the clean examples (small --quick runs)
+            # small (--quick) runs: a reference minibatch of at most half the clean examples,
+            # and fewer neighbours than references
             detector.n_reference = min(detector.n_reference, len(clean_b) // 2)
+            detector.k = max(1, min(detector.k, detector.n_reference - 1))
             detector.fit(clean_b, adv_b, noisy=run.observe(torch.cat(noisy)))
         else:
             detector.fit(clean_b, adv_b)

@@ -222,7 +222,9 @@ class _Data:
 
 
 def _load_data(cfg: Config) -> _Data:
-    spec = resolve_spec(DataSpec(cfg.dataset, cfg.data_root, cfg.image_size, cfg.channels, cfg.resize,
+    # An absolute root: later commands may run from another directory.
+    root = None if cfg.data_root is None else str(Path(cfg.data_root).resolve())
+    spec = resolve_spec(DataSpec(cfg.dataset, root, cfg.image_size, cfg.channels, cfg.resize,
                                  cfg.test_fraction, cfg.seed))
     full_train, test = load_split(spec, "train"), load_split(spec, "test")
     for note in dict.fromkeys(full_train.notes + test.notes):
