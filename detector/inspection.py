@@ -3,7 +3,24 @@ for each image.
 
 ``Inspector`` couples a verified bundle with its fitted detector and turns a
 batch of images (pixels in [0, 1], the model's input shape) into one
-``Inspection`` per image, from a single forward pass.
+``Inspection`` per image.
+
+**An image's answer does not depend on the other images of its batch.**
+CPU convolutions and matrix products (oneDNN, MKL) pick their algorithm, and
+with it the order in which they add, by the shape of the whole batch: the
+same image scored alone and inside a batch of 64 differed in its float32
+logits (up to ~5e-6) and in its score (up to ~5e-5), so near the threshold
+a flag could depend on what else was sent.  ``inspect`` therefore runs the
+forward pass and the scoring in chunks of exactly ``chunk`` images (default
+``DEFAULT_CHUNK``), the last one padded with black images; every computation
+then has one shape, and an image's row is computed the same way wherever it
+sits in the chunk and whatever shares it (tests/test_service_determinism.py
+checks this bit for bit).  The padding costs at most ``chunk - 1`` images'
+worth of compute per call.  ``chunk=None`` runs the whole batch in one pass
+(the answers then depend, in the last bits, on the batch's size).  The
+images are also made contiguous (N, C, H, W) first: the convolutions also
+choose their algorithm by the input's memory layout, so the same pixels in a
+channels-last-strided tensor would otherwise be answered differently.
 """
 
 from __future__ import annotations
@@ -11,11 +28,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
-from .paths import extract_paths, split_layers
+from .paths import PathBatch, device_of, extract_paths, split_layers
 from .scores import PathScore
+
+# Images per forward pass.  Small enough that one image alone is answered
+# quickly (a lone image costs a pass over ``DEFAULT_CHUNK`` images), large
+# enough that a big batch loses little to the per-pass overhead.
+DEFAULT_CHUNK = 8
 
 
 @dataclass
@@ -32,17 +55,20 @@ class Inspection:
 
 
 class Inspector:
-    def __init__(self, bundle: Bundle, detector: PathScore) -> None:
+    def __init__(self, bundle: Bundle, detector: PathScore, chunk: int | None = DEFAULT_CHUNK) -> None:
         if detector.threshold_ is None:
             raise ValueError("the bundle's detector has no threshold; run `pathguard fit`")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 or None, not {chunk}")
         self.bundle = bundle
         self.detector = detector
         self.model = bundle.decoupled.eval()
+        self.chunk = chunk
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_BUNDLE) -> "Inspector":
+    def load(cls, path: str | Path = DEFAULT_BUNDLE, chunk: int | None = DEFAULT_CHUNK) -> "Inspector":
         bundle = load_bundle(path)
-        return cls(bundle, load_detector(bundle))
+        return cls(bundle, load_detector(bundle), chunk=chunk)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -55,28 +81,61 @@ class Inspector:
         if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise ValueError("pixel values must be finite and in [0, 1]")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def inspect(self, images: torch.Tensor, include_path: bool = False) -> list[Inspection]:
+        """One ``Inspection`` per image, in order (see the module's docstring
+        on chunks)."""
         self.check_images(images)
-        batch = extract_paths(self.model, images.float())
-        scores = self.detector.score_samples(batch)
+        # One memory layout too: oneDNN picks its algorithm by the input's
+        # strides as well (a channels-last-strided batch is computed another
+        # way, and its answers differ in the last bits).
+        images = images.float().contiguous()
+        n = len(images)
+        if n == 0:
+            return []
+        size = self.chunk or n
+        out: list[Inspection] = []
+        for start in range(0, n, size):
+            part = images[start:start + size]
+            rows = len(part)
+            if rows < size:  # pad with black images to the one shape every pass has
+                part = torch.cat([part, part.new_zeros((size - rows, *part.shape[1:]))])
+            out += self._inspect_chunk(part, rows, include_path)
+        return out
+
+    def _paths(self, images: torch.Tensor) -> PathBatch:
+        """``extract_paths`` of one chunk.  On the CPU the model's own trace is
+        read directly (the same computation): ``observe`` switches the model
+        to eval mode and back on every call, which walks every module and
+        cost ~8% of a small pass; the inspector's model stays in eval mode."""
+        model = self.model
+        if not model.gated or device_of(model).type != "cpu":
+            return extract_paths(model, images, batch_size=len(images))
+        if model.training:
+            model.eval()
+        return PathBatch.from_trace(model.trace(images), model.gated_widths)
+
+    def _inspect_chunk(self, images: torch.Tensor, rows: int, include_path: bool) -> list[Inspection]:
+        """The first ``rows`` answers of one pass over ``images``."""
+        batch = self._paths(images)
+        scores = np.asarray(self.detector.score_samples(batch), dtype=np.float64)
         flags = self.detector.flag(scores)
-        deviations = self.detector.layer_deviations(batch)
+        deviations = np.asarray(self.detector.layer_deviations(batch))
         probs = torch.softmax(batch.logits, dim=1)
         confidence, predicted = probs.max(dim=1)
-        layers = split_layers(batch.paths.to(torch.int64), batch.widths)
-        out = []
-        for i in range(len(images)):
-            c = int(predicted[i])
-            out.append(Inspection(
-                predicted_class=c,
-                label=self.bundle.classes[c],
-                confidence=float(confidence[i]),
-                adversarial=bool(flags[i]),
-                score=float(scores[i]),
-                threshold=float(self.detector.threshold_),
-                layer_deviations=[float(d) for d in deviations[i]],
-                active_fraction=float(batch.paths[i].float().mean()),
-                layer_paths=[layer[i].tolist() for layer in layers] if include_path else None,
-            ))
-        return out
+        active = batch.paths.float().mean(dim=1)
+        layers = split_layers(batch.paths[:rows].to(torch.int64), batch.widths) if include_path else None
+        threshold = float(self.detector.threshold_)
+        classes = self.bundle.classes
+        predicted_ = predicted[:rows].tolist()
+        confidence_ = confidence[:rows].tolist()
+        scores_ = scores[:rows].tolist()
+        flags_ = flags[:rows].tolist()
+        deviations_ = deviations[:rows].tolist()
+        active_ = active[:rows].tolist()
+        paths_ = [layer.tolist() for layer in layers] if layers is not None else None
+        return [Inspection(
+            predicted_class=c, label=classes[c], confidence=confidence_[i], adversarial=bool(flags_[i]),
+            score=scores_[i], threshold=threshold, layer_deviations=deviations_[i], active_fraction=active_[i],
+            layer_paths=[layer[i] for layer in paths_] if paths_ is not None else None,
+        ) for i, c in enumerate(predicted_)]

@@ -44,6 +44,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from .docs import install_docs
 from .errors import install_error_handlers
 from .metrics import MetricsMiddleware, ServiceMetrics
 from .routes import router
@@ -73,7 +74,9 @@ def _version() -> str:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics(settings.batch_size)
-    app = FastAPI(title="PathGuard", version=_version(), description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="PathGuard", version=_version(), description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_docs(app)  # /docs and /redoc from local files (docs.py)
     app.state.pathguard = ServiceState(settings, metrics)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)

@@ -8,6 +8,7 @@ can replace any of them with ``app.dependency_overrides``).
     require_key_for_metrics    the same, for /metrics, only with protect_metrics
     serving                    the loaded model (inspector, batcher, spec), or
                                503 + Retry-After while loading or draining
+                               (``loaded_model``, called directly by /detect)
 """
 
 from __future__ import annotations
@@ -66,10 +67,17 @@ class Serving(NamedTuple):
     spec: ImageSpec
 
 
-async def serving(state: ServiceState = Depends(get_state)) -> Serving:
+def loaded_model(state: ServiceState) -> Serving:
     """The loaded model; 503 (with Retry-After) until it is loaded and
     warmed up, and once the server is shutting down."""
     if not state.ready or state.batcher is None or state.inspector is None:
         reason = "server is shutting down" if state.draining else "model is not loaded yet"
         raise ClientError(503, reason, {"Retry-After": str(state.settings.retry_after_s)})
     return Serving(state.inspector, state.batcher, state.spec)
+
+
+async def serving(state: ServiceState = Depends(get_state)) -> Serving:
+    """``loaded_model`` as a dependency (/model).  POST /detect calls
+    ``loaded_model`` itself: every dependency costs FastAPI work on each
+    request, and /detect is the hot path."""
+    return loaded_model(state)

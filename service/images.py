@@ -20,9 +20,21 @@ Choices, in the order they are applied:
 * **Orientation**: an EXIF orientation tag is applied (the image is scored
   the way a viewer shows it).
 * **Size**: an image whose (oriented) size differs from the model's input is
-  refused unless the request asks for ``resize``; then it is resized with
-  bilinear filtering (Pillow's, antialiased when shrinking) and reported as
-  ``resized``.  No cropping: a non-square image is stretched.
+  refused unless the request asks for ``resize``; then it is brought to the
+  input size by one of the rules of the training data loaders
+  (``pathguard.detector.data.fit_size``, the same code) and reported as
+  ``resized``:
+
+  - ``pad`` (the default): scaled, keeping the aspect ratio, until its
+    longer side fits; centred; the rest filled with the mean of the image's
+    outermost rows and columns (black for an item on a black background);
+  - ``crop``: the largest centred region with the input's aspect ratio,
+    scaled to the input (the edges of the longer side are cut off);
+  - ``stretch``: scaled to the input; the aspect ratio is not kept.
+
+  Scaling is Pillow's bilinear filter in float (antialiased when shrinking),
+  after the colour conversion below; a square image comes out the same
+  under all three rules.
 * **Colour**: palette images are expanded; CMYK and YCbCr go through
   Pillow's conversion to RGB; a 1-channel model gets ITU-R 601-2 luma
   (Pillow's ``L``), a 3-channel model gets RGB (grey is replicated).
@@ -48,9 +60,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pathguard.detector.data import fit_size
+
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")
 _ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# How an image of another size is brought to the model's input (``fit_size``).
+RESIZE_MODES = ("pad", "crop", "stretch")
+DEFAULT_RESIZE_MODE = "pad"
 
 
 class ImageError(ValueError):
@@ -104,8 +122,38 @@ class DecodedImage:
     original_size: tuple[int, int]  # (width, height) as shown, before resizing
 
 
+def resize_rule(resize: bool | str | None) -> str | None:
+    """The rule ``decode_image`` applies to an image of another size: None
+    (refuse it) for False/None/"none", the default mode ("pad") for True,
+    else the mode named ("pad", "crop" or "stretch")."""
+    if resize is None or resize is False or resize == "none":
+        return None
+    if resize is True:
+        return DEFAULT_RESIZE_MODE
+    if isinstance(resize, str) and resize in RESIZE_MODES:
+        return resize
+    raise ValueError(f"resize must be a bool or one of {RESIZE_MODES}, got {resize!r}")
+
+
+def resize_request(resize: bool | None, resize_mode: str | None, body_resize: bool = False,
+                   body_mode: str | None = None) -> bool | str:
+    """What a /detect request asks of ``decode_image``, from the query's
+    ``resize`` and ``resize_mode`` and the body's (form fields or JSON):
+    False (refuse another size) unless either asks for ``resize``; then the
+    query's mode, else the body's, else the default ("pad").  A mode alone
+    does not ask for resizing."""
+    if not (resize or body_resize):
+        return False
+    return resize_mode or body_mode or DEFAULT_RESIZE_MODE
+
+
 def decode_image(data: bytes, spec: ImageSpec, *, index: int = 0, filename: str | None = None,
-                 resize: bool = False) -> DecodedImage:
+                 resize: bool | str = False) -> DecodedImage:
+    """One upload as the model's input.  ``resize``: False refuses an image
+    of another size; True resizes it by the default rule ("pad"); "pad",
+    "crop" or "stretch" names the rule (see the module's docstring)."""
+    rule = resize_rule(resize)
+
     def fail(message: str, status: int = 422) -> ImageError:
         return ImageError(index, filename, message, status)
 
@@ -138,7 +186,7 @@ def decode_image(data: bytes, spec: ImageSpec, *, index: int = 0, filename: str 
         kind = sniff_format(data) or "image"
         raise fail(f"truncated or corrupt {kind} header ({type(exc).__name__}: {exc})") from None
     with img:
-        return _decode_opened(img, spec, resize, fail)
+        return _decode_opened(img, spec, rule, fail)
 
 
 def _check_size(width: int, height: int, spec: ImageSpec, fail) -> None:
@@ -151,7 +199,7 @@ def _check_size(width: int, height: int, spec: ImageSpec, fail) -> None:
                    f"{spec.max_pixels} pixels (possible decompression bomb)")
 
 
-def _decode_opened(img: Image.Image, spec: ImageSpec, resize: bool, fail) -> DecodedImage:
+def _decode_opened(img: Image.Image, spec: ImageSpec, rule: str | None, fail) -> DecodedImage:
     width, height = img.size
     _check_size(width, height, spec, fail)
     frames = getattr(img, "n_frames", 1) if getattr(img, "is_animated", False) else 1
@@ -163,14 +211,17 @@ def _decode_opened(img: Image.Image, spec: ImageSpec, resize: bool, fail) -> Dec
         orientation = 1
     shown = (height, width) if orientation in _ROTATED_ORIENTATIONS else (width, height)
     wanted = (spec.width, spec.height)
-    if shown != wanted and not resize:
+    if shown != wanted and rule is None:
         raise fail(f"size {shown[0]}x{shown[1]} does not match the model's input "
-                   f"{spec.width}x{spec.height}; send {spec.width}x{spec.height} images or ask for resize=true")
+                   f"{spec.width}x{spec.height}; send {spec.width}x{spec.height} images or ask for resize=true "
+                   f"(resize_mode: {', '.join(RESIZE_MODES)}; default {DEFAULT_RESIZE_MODE})")
     try:
         img.load()
         if orientation != 1:
             img = ImageOps.exif_transpose(img)
-        array = _to_array(img, spec, resize and shown != wanted)
+        array = _to_array(img, spec)
+        if shown != wanted:
+            array = fit_size(array, (spec.height, spec.width), rule)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -226,20 +277,18 @@ def _unidentified(data: bytes) -> str:
     return f"truncated or corrupt {kind} header ({len(data)} bytes)"
 
 
-def _to_array(img: Image.Image, spec: ImageSpec, resize: bool) -> np.ndarray:
-    """(H, W, C) float32 in [0, 1] in the model's channel layout."""
-    size = (spec.width, spec.height)
+def _to_array(img: Image.Image, spec: ImageSpec) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1] in the model's channel layout, at the
+    image's own size (the pixel rules of the training loaders; resizing is
+    ``fit_size``'s, afterwards)."""
     if img.mode in _SIXTEEN_BIT_MODES:
         # 16-bit grey (PNG): keep the precision.  Mode "I" only comes from
         # 16-bit sources among the formats we open; clip defensively.
         grey = img.convert("F") if img.mode != "F" else img
-        if resize:
-            grey = grey.resize(size, Image.BILINEAR)
         array = np.clip(np.asarray(grey, dtype=np.float32) / 65535.0, 0.0, 1.0)[:, :, None]
         return np.repeat(array, spec.channels, axis=2) if spec.channels == 3 else array
     if img.mode == "F":
-        grey = img.resize(size, Image.BILINEAR) if resize else img
-        array = np.clip(np.asarray(grey, dtype=np.float32), 0.0, 1.0)[:, :, None]
+        array = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)[:, :, None]
         return np.repeat(array, spec.channels, axis=2) if spec.channels == 3 else array
 
     if _has_alpha(img):
@@ -253,8 +302,6 @@ def _to_array(img: Image.Image, spec: ImageSpec, resize: bool) -> np.ndarray:
     if img.mode != target:
         # CMYK, YCbCr, 1 (bilevel), L -> RGB, RGB -> L (luma), ...
         img = img.convert(target)
-    if resize:
-        img = img.resize(size, Image.BILINEAR)
     array = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
     return array[:, :, None] if array.ndim == 2 else array
 

@@ -11,12 +11,19 @@ environment variables (or passed explicitly), validated on construction.
     PATHGUARD_API_KEY             if set, /detect and /model need it (X-API-Key or Bearer)
     PATHGUARD_PROTECT_METRICS     also require the key for /metrics
     PATHGUARD_BATCHING            coalesce concurrent requests into one forward pass
-    PATHGUARD_BATCH_SIZE          most images in one forward pass (default 64)
-    PATHGUARD_BATCH_WAIT_MS       how long a batch waits for more images (default 2 ms)
+    PATHGUARD_BATCH_SIZE          most images in one inference call (default 64)
+    PATHGUARD_BATCH_WAIT_MS       how long a batch waits for more images (default 0: under load
+                                  batches fill while the worker is busy; a wait only delays a lone image)
+    PATHGUARD_FORWARD_CHUNK       images per forward pass (default 8): every pass has exactly this
+                                  many (padded), so an image's answer does not depend on what
+                                  shares its batch; 0 = one pass per batch (it then does, in the
+                                  last bits)
     PATHGUARD_QUEUE_SIZE          most images waiting for inference; beyond it: 503
     PATHGUARD_INFERENCE_TIMEOUT_S per-request limit on queueing + inference; beyond it: 503
     PATHGUARD_RETRY_AFTER_S       the Retry-After sent with those 503s
     PATHGUARD_TORCH_THREADS       torch intra-op threads (default: torch's own choice)
+    PATHGUARD_INFERENCE_PROCESS   run inference in a separate worker process (default true)
+                                  rather than on a thread of the server process
     PATHGUARD_LOG_LEVEL           uvicorn / service log level
 """
 
@@ -29,6 +36,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pathguard.detector.bundle import DEFAULT_BUNDLE
+from pathguard.detector.inspection import DEFAULT_CHUNK
 
 
 class Settings(BaseSettings):
@@ -53,13 +61,20 @@ class Settings(BaseSettings):
     protect_metrics: bool = Field(False, description="require the API key for /metrics too")
 
     batching: bool = Field(True, description="coalesce concurrent requests into one forward pass")
-    batch_size: int = Field(64, ge=1, le=4096, description="most images in one forward pass")
-    batch_wait_ms: float = Field(2.0, ge=0, le=10_000, description="how long a batch waits to fill")
+    batch_size: int = Field(64, ge=1, le=4096, description="most images in one inference call")
+    batch_wait_ms: float = Field(0.0, ge=0, le=10_000, description="how long a batch waits to fill")
     queue_size: int = Field(1024, ge=1, description="most images waiting for inference")
+    forward_chunk: int = Field(
+        DEFAULT_CHUNK, ge=0, le=4096,
+        description="images per forward pass, padded: an image's answer is then bit-identical whatever "
+                    "shares its batch (pathguard.detector.inspection); 0 = the whole batch in one pass")
     inference_timeout_s: float = Field(10.0, gt=0, le=3600, description="per-request time limit")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")
 
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    inference_process: bool = Field(
+        True, description="run inference in one worker process (no GIL shared with the event loop) "
+                          "instead of on a thread of the server process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("expected_digest", mode="before")

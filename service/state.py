@@ -4,17 +4,27 @@
 metrics and, once loaded, the inspector, the micro-batcher and the image
 spec.  ``lifespan(app)`` loads the bundle (its manifest verified first, and
 the pinned digest checked), starts the batcher, runs one warm-up pass on the
-inference thread and only then marks the state ready; on shutdown it marks
+inference worker and only then marks the state ready; on shutdown it marks
 it draining and lets the batcher finish what is queued.  A bundle that
 cannot be served raises ``BundleError``, so the server does not start.
+
+The inference worker is, by default (``inference_process``), one separate
+process (spawned, so it shares no GIL with the event loop): it loads the
+same bundle, refuses any other digest, and ignores SIGINT (Ctrl-C reaches
+the whole process group; the server drains first and then stops it).
+Otherwise it is one thread of this process.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -59,7 +69,7 @@ def _check_provenance(inspector: Inspector, settings: Settings) -> None:
 async def load_inspector(settings: Settings) -> Inspector:
     """The bundle's inspector, verified, pinned and of a servable input shape."""
     try:
-        inspector = await run_in_threadpool(Inspector.load, settings.bundle)
+        inspector = await run_in_threadpool(Inspector.load, settings.bundle, settings.forward_chunk or None)
         _check_provenance(inspector, settings)
     except (ArtifactError, ValueError, OSError) as exc:
         message = f"cannot serve bundle {settings.bundle}: {exc}"
@@ -71,20 +81,59 @@ async def load_inspector(settings: Settings) -> Inspector:
     return inspector
 
 
-async def start_batcher(inspector: Inspector, settings: Settings, metrics: ServiceMetrics) -> MicroBatcher:
-    """A running batcher around ``inspector.inspect``, warmed up by one
-    forward pass on the inference thread (closed again if that fails)."""
+# ------------------------------------------------------ the worker process
 
-    def infer(images: torch.Tensor, include_path: bool) -> list[Inspection]:
-        return inspector.inspect(images, include_path=include_path)
+_WORKER_INSPECTOR: Inspector | None = None
+
+
+def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None) -> None:
+    """In the inference process: load the bundle the server verified (the
+    same digest, or refuse) and keep its inspector."""
+    global _WORKER_INSPECTOR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads:
+        torch.set_num_threads(threads)
+    inspector = Inspector.load(bundle, chunk)
+    if inspector.bundle.digest != digest:
+        raise ArtifactError(f"{bundle}: digest changed under the server ({inspector.bundle.digest} is not "
+                            f"{digest})")
+    _WORKER_INSPECTOR = inspector
+
+
+def _worker_infer(images: np.ndarray, include_path: bool) -> list[Inspection]:
+    """In the inference process: one batch, (N, C, H, W) float32."""
+    return _WORKER_INSPECTOR.inspect(torch.from_numpy(images), include_path=include_path)
+
+
+def _pack(images: torch.Tensor) -> np.ndarray:
+    """A batch as sent to the worker process: a NumPy array pickles as plain
+    bytes (a tensor would go through torch's shared-memory reducer)."""
+    return images.contiguous().numpy()
+
+
+async def start_batcher(inspector: Inspector, settings: Settings, metrics: ServiceMetrics) -> MicroBatcher:
+    """A running batcher around ``inspector.inspect``, in a worker process or
+    on a worker thread (``settings.inference_process``), warmed up by one
+    forward pass there (closed again if that fails)."""
+    if settings.inference_process:
+        executor = ProcessPoolExecutor(
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk, settings.torch_threads))
+        infer, pack = _worker_infer, _pack
+        warm_up = np.zeros((1, *inspector.input_shape), dtype=np.float32)
+    else:
+        def infer(images: torch.Tensor, include_path: bool) -> list[Inspection]:
+            return inspector.inspect(images, include_path=include_path)
+
+        executor, pack, warm_up = None, None, torch.zeros((1, *inspector.input_shape))
 
     batcher = MicroBatcher(
         infer, max_batch=settings.batch_size, max_wait_s=settings.batch_wait_s,
         max_queue=settings.queue_size, coalesce=settings.batching, retry_after=settings.retry_after_s,
-        on_batch=metrics.observe_batch)
+        on_batch=metrics.observe_batch, executor=executor, pack=pack)
     await batcher.start()
     try:
-        await batcher.run_in_worker(infer, torch.zeros((1, *inspector.input_shape)), True)
+        await batcher.run_in_worker(infer, warm_up, True)
     except Exception as exc:
         await batcher.close()
         raise BundleError(f"cannot serve bundle {settings.bundle}: warm-up pass failed: {exc}") from exc

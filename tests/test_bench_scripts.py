@@ -1,8 +1,9 @@
 """The service bench scripts run end to end on the small test bundle, with tiny bounds.
 
-bench/bench_load.py and bench/bench_service.py each start the real service in
-a subprocess on a free loopback port; here they run as the user would run
-them (a subprocess of this interpreter), and their JSON summaries are checked.
+bench/bench_load.py, bench/bench_service.py and bench/bench_http.py (with wrk)
+each start the real service in a subprocess on a free loopback port; here
+they run as the user would run them (a subprocess of this interpreter), and
+their JSON summaries are checked.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,37 @@ def test_bench_service_prints_a_ratio_per_setting(bench_bundle, tmp_path):
                        proc.stdout, re.M)
     assert {(mode, int(clients)) for mode, clients, _ in table} == settings
     assert "ceiling" in proc.stdout and "torch" in proc.stdout
+
+
+def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
+    if shutil.which("wrk") is None:
+        pytest.fail("wrk is not installed (apt-get install -y wrk): bench/bench_http.py needs it")
+    out = tmp_path / "http.json"
+    proc = run_script("bench_http.py", "--bundle", str(bench_bundle), "--duration", "1", "--warmup", "0",
+                      "--connections", "4", "--batch-connections", "2", "--threads", "1", "--ceiling-threads", "1", "--images", "64",
+                      "--ceiling-seconds", "0.3", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {row["scenario"]: row for row in result["rows"]}
+    assert set(rows) == {"health", "json-1", "octet-1", "json-32", "npy-32", "json-1-c1", "octet-1-c1"}
+    ceiling = result["ceiling"]["images_per_s"]
+    assert ceiling > 0
+    for name, row in rows.items():
+        assert row["errors"] == 0 and row["requests"] > 0, row
+        assert row["p99_ms"] >= row["p50_ms"] > 0
+        assert row["health_ratio"] == pytest.approx(row["requests_per_s"] / rows["health"]["requests_per_s"])
+        if name == "health":
+            assert row["ceiling_ratio"] is None
+        else:
+            assert row["images_per_s"] == pytest.approx(row["requests_per_s"] * row["images_per_request"])
+            assert row["ceiling_ratio"] == pytest.approx(row["images_per_s"] / ceiling)
+    assert rows["json-1-c1"]["connections"] == 1 and rows["json-32"]["connections"] == 2
+    assert {t["target"].split(":")[0] for t in result["targets"]} >= {"json-1", "octet-1", "json-32", "npy-32",
+                                                                     "json-1-c1", "octet-1-c1"}
+    # The printed table: one line per scenario, with its ratio to /health and to the ceiling.
+    table = re.findall(r"^(\S+)\s+(\d+)\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)\s+(\d+\.\d{3})\s+"
+                       r"(\d+\.\d{3}|-)\s", proc.stdout, re.M)
+    assert {name for name, *_ in table} == set(rows)
+    assert all(errors == "0" for _, _, _, errors, _, _ in table)
+    assert "ceiling" in proc.stdout and "targets:" in proc.stdout
+    assert re.search(r"^  (met   |MISSED) json-32: images/s >= 70% of the in-process ceiling", proc.stdout, re.M)

@@ -155,8 +155,13 @@ def test_wrong_size_is_refused_unless_resize_is_asked(client, bundle):
     assert "resize=true" in refused.json()["detail"]
     assert refused.json()["index"] == 0 and refused.json()["filename"] == "big.png"
 
-    # What the server should compute: the same bilinear resize, then inspect.
-    back = np.asarray(big.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 255.0
+    # What the server should compute: the training loaders' resize (fit_size: bilinear in float;
+    # "pad", the default, is a plain resize for a square image), then inspect.
+    from pathguard.detector.data import fit_size
+
+    pixels = np.asarray(big, dtype=np.float32)[:, :, None] / 255.0
+    back = fit_size(pixels, (28, 28), "pad")[:, :, 0]
+    assert np.array_equal(back, fit_size(pixels, (28, 28), "stretch")[:, :, 0])
     expected = offline_inspector(bundle).inspect(torch.from_numpy(back)[None, None])[0]
     mixed = [("files", ("big.png", big_png, "image/png")), ("files", ("ok.png", png_of(image), "image/png"))]
     for kwargs in (
@@ -311,7 +316,7 @@ def test_openapi_documents_both_request_forms_with_examples(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/detect"]["post"]["requestBody"]["content"]
-    assert set(body) == {"multipart/form-data", "application/json"}
+    assert set(body) == {"multipart/form-data", "application/json", "application/octet-stream"}
     assert body["multipart/form-data"]["schema"]["required"] == ["files"]
     schemas = spec["components"]["schemas"]
     assert schemas["DetectRequest"]["additionalProperties"] is False
@@ -537,7 +542,7 @@ def test_settings_from_environment_and_validation(monkeypatch, bundle):
     monkeypatch.setenv("PATHGUARD_BATCHING", "false")
     s = Settings()
     assert (s.bundle, s.max_images, s.api_key, s.batching) == (bundle, 5, None, False)
-    assert s.batch_wait_s == pytest.approx(0.002)
+    assert s.batch_wait_s == 0.0  # batches fill while the worker is busy; a lone image does not wait
     for bad in ({"port": -1}, {"port": 70000}, {"max_images": 0}, {"batch_size": 0}, {"batch_wait_ms": -1},
                 {"inference_timeout_s": 0}, {"queue_size": 4, "max_images": 5}, {"max_upload_bytes": 10},
                 {"alpha_background": 256}, {"api_key": " padded "}, {"unknown_option": 1},

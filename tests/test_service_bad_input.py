@@ -20,6 +20,7 @@ Decisions recorded here (and in service/images.py):
 from __future__ import annotations
 
 import base64
+import io
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -168,6 +169,27 @@ def noise_png(width: int, height: int) -> bytes:
     return encode(rng.integers(0, 256, size=(height, width), dtype=np.uint8), "PNG")
 
 
+def octet(data: bytes) -> dict:
+    return {"content": data, "headers": {"Content-Type": "application/octet-stream"}}
+
+
+def npy(array: np.ndarray, allow_pickle: bool = False) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=allow_pickle)
+    return buffer.getvalue()
+
+
+def grey_stack(n: int = 2) -> np.ndarray:
+    """n copies of the real test image as uint8 (n, 28, 28)."""
+    return np.stack([grey()] * n)
+
+
+def npy_with_header(header: bytes) -> bytes:
+    """An .npy file (version 1.0) with this header text and a few data bytes."""
+    header = header + b" " * (-(len(header) + 11) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(16)
+
+
 # --------------------------------------------------------------- cases
 
 @dataclass
@@ -302,6 +324,47 @@ CASES = [
          "threshold: Extra inputs are not permitted"),
     Case("json-unknown-image-field", lambda: as_json({"images": [{"data": b64(good_png()), "label": 3}]}), 422,
          "images.0.label: Extra inputs are not permitted"),
+    # --- application/octet-stream: one image file, or an .npy array
+    Case("octet-empty-body", lambda: octet(b""), 400, "empty request body"),
+    Case("octet-not-an-image", lambda: octet(b"plain text, not a picture"), 422, "image 0: not a recognised image"),
+    Case("octet-truncated-png", lambda: octet(truncated("PNG")), 422, "truncated or corrupt PNG"),
+    Case("octet-wrong-size", lambda: octet(encode(np.zeros((32, 40), np.uint8), "PNG")), 422,
+         "size 40x32 does not match the model's input 28x28"),
+    Case("octet-resize-mode-unknown", lambda: {**octet(good_png()), "params": {"resize_mode": "squash"}}, 422,
+         "query.resize_mode"),
+    Case("npy-truncated", lambda: octet(npy(grey_stack(2))[:-100]), 400,
+         "truncated .npy body: shape (2, 28, 28) of uint8 needs 1568 bytes of data, got 1468"),
+    Case("npy-cut-in-header", lambda: octet(npy(grey_stack(2))[:40]), 400, "malformed .npy body"),
+    Case("npy-trailing-bytes", lambda: octet(npy(grey_stack(2)) + b"extra"), 400, "5 bytes after the array's data"),
+    Case("npy-garbage-header", lambda: octet(npy_with_header(b"{'descr': __import__('os')}")), 400,
+         "malformed .npy body"),
+    Case("npy-version-3", lambda: octet(b"\x93NUMPY\x03\x00" + npy(grey_stack(1))[8:]), 400,
+         "format version 3.0 is not supported"),
+    Case("npy-pickled-objects", lambda: octet(npy(np.array([{"a": 1}, None], dtype=object), allow_pickle=True)),
+         422, "holds Python objects (a pickle): refused"),
+    Case("npy-wrong-dtype-float64", lambda: octet(npy(grey_stack(1).astype(np.float64) / 255)), 422,
+         "dtype '<f8' (float64); send uint8 (0-255) or little-endian float32"),
+    Case("npy-wrong-dtype-int16", lambda: octet(npy(grey_stack(1).astype(np.int16))), 422, "dtype '<i2'"),
+    Case("npy-big-endian-float32", lambda: octet(npy((grey_stack(1) / 255).astype(">f4"))), 422, "dtype '>f4'"),
+    Case("npy-structured-dtype", lambda: octet(npy(np.zeros(2, dtype=[("a", "u1"), ("b", "f4")]))), 422,
+         "dtype"),
+    Case("npy-nan", lambda: octet(npy(np.where(np.eye(28, dtype=bool), np.nan, 0.5).astype(np.float32)[None])),
+         422, "28 non-finite values (NaN or infinity)"),
+    Case("npy-infinity", lambda: octet(npy(np.full((1, 28, 28), np.inf, np.float32))), 422, "non-finite"),
+    Case("npy-float-out-of-range", lambda: octet(npy(grey_stack(1).astype(np.float32))), 422,
+         "float32 pixels must be in [0, 1]; the .npy array has values from 0 to 255"),
+    Case("npy-negative-float", lambda: octet(npy(np.full((1, 28, 28), -0.5, np.float32))), 422, "from -0.5"),
+    Case("npy-wrong-image-size", lambda: octet(npy(np.zeros((2, 32, 32), np.uint8))), 422,
+         "shape (2, 32, 32); the model takes (N, 28, 28) or (N, 1, 28, 28) (arrays are not resized"),
+    Case("npy-one-image-without-batch-axis", lambda: octet(npy(grey())), 422, "shape (28, 28); the model takes"),
+    Case("npy-three-channels", lambda: octet(npy(np.zeros((1, 3, 28, 28), np.uint8))), 422,
+         "shape (1, 3, 28, 28); the model takes"),
+    Case("npy-five-dims", lambda: octet(npy(np.zeros((1, 1, 1, 28, 28), np.uint8))), 422, "the model takes"),
+    Case("npy-zero-images", lambda: octet(npy(np.zeros((0, 28, 28), np.uint8))), 422, "no images"),
+    Case("npy-too-many-images", lambda: octet(npy(grey_stack(MAX_IMAGES + 1))), 413,
+         f"{MAX_IMAGES + 1} images in one request; at most {MAX_IMAGES}"),
+    Case("npy-claims-huge-shape", lambda: octet(npy_with_header(
+        b"{'descr': '|u1', 'fortran_order': False, 'shape': (4, 100000, 100000), }")), 422, "the model takes"),
     # --- methods and paths
     Case("get-detect", lambda: {}, 405, "method GET is not allowed on /detect; use POST", method="GET",
          check=_allow_post),
@@ -333,6 +396,13 @@ CASES = [
     Case("exif-orientation-applied", lambda: one_file(exif_rotated_png()), 200, same_as=grey),
     Case("long-filename-cut", lambda: one_file(good_png(), "n" * 400 + ".png"), 200, check=_filename_cut),
     Case("declared-type-ignored", lambda: one_file(good_png(), "x.txt", "text/plain"), 200, same_as=grey),
+    Case("octet-png", lambda: octet(good_png()), 200, same_as=grey),
+    Case("octet-jpeg-resized", lambda: {**octet(encode(np.zeros((40, 40), np.uint8), "JPEG")),
+                                        "params": {"resize": "true"}}, 200, check=_resized),
+    Case("npy-uint8", lambda: octet(npy(grey_stack(1))), 200, same_as=grey),
+    Case("npy-uint8-with-channel-axis", lambda: octet(npy(grey_stack(1)[:, None])), 200, same_as=grey),
+    Case("npy-float32", lambda: octet(npy((grey_stack(1).astype(np.float32) / 255))), 200, same_as=grey),
+    Case("npy-fortran-order", lambda: octet(npy(np.asfortranarray(grey_stack(1)))), 200, same_as=grey),
 ]
 
 
