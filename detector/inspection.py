@@ -89,8 +89,10 @@ class Inspector:
         # One memory layout too: oneDNN picks its algorithm by the input's
         # strides as well (a channels-last-strided batch is computed another
         # way, and its answers differ in the last bits).
-        images = images.float().contiguous()
-        n = len(images)
+        images = images.float()
+        n, c, h, w = images.shape
+        if images.stride() != (c * h * w, h * w, w, 1):  # (a 1-channel tensor can pass is_contiguous())
+            images = images.clone(memory_format=torch.contiguous_format)
         if n == 0:
             return []
         size = self.chunk or n
