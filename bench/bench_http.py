@@ -389,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     print("targets:")
     for check in checks:
         print(f"  {'met   ' if check['met'] else 'MISSED'} {check['target']}: {check['value']:.3f}")
-    if busy or info["loadavg"][0] > 0.5 * (info["usable_cpus"] or 1):
-        print(f"note: the machine was not idle (load average {info['loadavg'][0]:.2f}; other jobs: "
-              f"{len(busy)}): figures are noisy")
+    if busy:
+        print(f"note: {len(busy)} other pathguard job(s) were running: figures are noisy")
+    elif info["loadavg"][0] > 0.5 * (info["usable_cpus"] or 1):
+        print(f"note: load average {info['loadavg'][0]:.2f} at the start (a 1-minute average: it includes any "
+              "run just before this one); no other pathguard job was running")
 
     result = {"machine": info, "other_jobs": busy, "bundle": str(Path(args.bundle).resolve()),
               "digest": inspector.bundle.digest,
