@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
-from .paths import PathBatch, device_of, extract_paths, split_layers
+from .paths import extract_paths, split_layers
 from .scores import PathScore
 
 # Images per forward pass.  Small enough that one image alone is answered
@@ -105,21 +105,9 @@ class Inspector:
             out += self._inspect_chunk(part, rows, include_path)
         return out
 
-    def _paths(self, images: torch.Tensor) -> PathBatch:
-        """``extract_paths`` of one chunk.  On the CPU the model's own trace is
-        read directly (the same computation): ``observe`` switches the model
-        to eval mode and back on every call, which walks every module and
-        cost ~8% of a small pass; the inspector's model stays in eval mode."""
-        model = self.model
-        if not model.gated or device_of(model).type != "cpu":
-            return extract_paths(model, images, batch_size=len(images))
-        if model.training:
-            model.eval()
-        return PathBatch.from_trace(model.trace(images), model.gated_widths)
-
     def _inspect_chunk(self, images: torch.Tensor, rows: int, include_path: bool) -> list[Inspection]:
         """The first ``rows`` answers of one pass over ``images``."""
-        batch = self._paths(images)
+        batch = extract_paths(self.model, images, batch_size=len(images))
         scores = np.asarray(self.detector.score_samples(batch), dtype=np.float64)
         flags = self.detector.flag(scores)
         deviations = np.asarray(self.detector.layer_deviations(batch))

@@ -96,7 +96,8 @@ def observe(model: ConvNet, images: torch.Tensor, batch_size: int = 500, labels:
     model's training mode is restored afterwards."""
     device = device_of(model)
     was_training = model.training
-    model.eval()
+    if was_training:  # switching modes walks every module: only when needed (small passes feel it)
+        model.eval()
     parts = []
     try:
         for start in range(0, len(images), batch_size):
@@ -104,10 +105,11 @@ def observe(model: ConvNet, images: torch.Tensor, batch_size: int = 500, labels:
             trace = model.trace(chunk, keep_activations=activations, keep_blocks=blocks)
             parts.append(PathBatch.from_trace(_to_cpu(trace, model.gated), model.gated_widths))
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     if not parts:
         raise ValueError("observe needs at least one image")
-    batch = PathBatch.concat(parts)
+    batch = parts[0] if len(parts) == 1 else PathBatch.concat(parts)
     batch.labels = None if labels is None else torch.as_tensor(labels).cpu()
     return batch
 
