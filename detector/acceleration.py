@@ -179,8 +179,14 @@ def flop_summary(model: ConvNet, images: torch.Tensor) -> dict:
     included (< 1 means a net saving).  ``ratio_vs_dense_gated`` = mean
     executed / dense total (dense gated network, ACMs included).
     """
-    dense = dense_flops(model, images.shape[1:])
-    executed = executed_flops(model, images).to(torch.float64)
+    return flop_summary_from_gates(model, executed_gates(model, images), images.shape[1:])
+
+
+def flop_summary_from_gates(model: ConvNet, gates: list[torch.Tensor], input_shape) -> dict:
+    """``flop_summary`` for gates already computed (one inference pass serves
+    every figure of a model card)."""
+    dense = dense_flops(model, input_shape)
+    executed = executed_flops_from_gates(model, gates, input_shape).to(torch.float64)
     mean = float(executed.mean())
     return {
         "unit": "MAC",
@@ -192,7 +198,7 @@ def flop_summary(model: ConvNet, images: torch.Tensor) -> dict:
         "executed_max": float(executed.max()),
         "ratio_vs_plain": mean / dense["backbone"],
         "ratio_vs_dense_gated": mean / dense["total"],
-        "images": len(images),
+        "images": len(executed),
     }
 
 

@@ -68,6 +68,12 @@ class Bundle:
     verified_files: frozenset = frozenset()
     data: dict = field(default_factory=dict)
 
+    def to(self, device: torch.device | str) -> "Bundle":
+        """Both networks on ``device`` (in place); returns the bundle."""
+        self.decoupled.to(device)
+        self.plain.to(device)
+        return self
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
@@ -184,7 +190,9 @@ def update_bundle_card(path: str | os.PathLike, updates: dict) -> dict:
 
 
 def state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A CPU copy of the weights (a best-so-far checkpoint of a GPU run does
+    not hold GPU memory, and saves as it is)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 # ------------------------------------------------------------ the detector

@@ -129,6 +129,10 @@ class ImageSet:
     def head(self, n: int) -> "ImageSet":
         return self.subset(torch.arange(min(n, len(self))))
 
+    def to(self, device: torch.device | str) -> "ImageSet":
+        """The same set with its pixels and labels on ``device``."""
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, list(self.notes), self.spec)
+
     def sample(self, n: int, seed: int, mask=None, *, shrink: bool = False) -> "ImageSet":
         """``n`` images drawn class-stratified and seeded (see
         :func:`splits.stratified_sample`) among those where ``mask`` holds;

@@ -58,6 +58,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         layers=(32, POOL, 64, 64, POOL, 128, 128, POOL), dropout=0.1,
         mean=(0.2860,), std=(0.3530,),
     ),
+    # 28x28 grey images: VGG-style with seven convolutions, six of them
+    # gated (docs/method.md, "Backbones"): more layers for a path to carry
+    # the class through, and wide enough that half the filters still fit it.
+    "vgg7": Architecture(
+        name="vgg7", in_channels=1, image_size=28, num_classes=10,
+        layers=(64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL), dropout=0.1,
+        mean=(0.2860,), std=(0.3530,),
+    ),
+    # The same depth at half the width: about a quarter of the MACs.
+    "vgg7-slim": Architecture(
+        name="vgg7-slim", in_channels=1, image_size=28, num_classes=10,
+        layers=(32, 32, POOL, 64, 64, POOL, 128, 128, 128, POOL), dropout=0.1,
+        mean=(0.2860,), std=(0.3530,),
+    ),
     # 32x32 colour images (CIFAR-10): VGG-11-like, 7 gated convolutions.
     "vgg-cifar": Architecture(
         name="vgg-cifar", in_channels=3, image_size=32, num_classes=10,

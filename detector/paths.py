@@ -204,9 +204,14 @@ def class_jaccard(paths: torch.Tensor, labels: torch.Tensor, chunk: int = 1000) 
 
 def path_summary(model: ConvNet, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """The path figures a model card reports for a labelled image set."""
-    batch = extract_paths(model, images)
+    return summarise_paths(extract_paths(model, images), labels)
+
+
+def summarise_paths(batch: PathBatch, labels: torch.Tensor) -> dict:
+    """``path_summary`` of an observed batch."""
+    labels = torch.as_tensor(labels).cpu()
     return {
-        "images": len(images),
+        "images": len(batch),
         "accuracy": float((batch.predictions == labels).float().mean()),
         "active_fraction": active_fraction(batch.paths, batch.widths),
         "distinct_paths": distinct_paths(batch.paths),

@@ -15,6 +15,9 @@ from pathguard.detector.losses import (
     DecouplingWeights,
     alignment_loss,
     decoupling_loss,
+    distillation_loss,
+    hard_bits,
+    layer_weights,
     path_class_loss,
     sparsity_loss,
 )
@@ -294,11 +297,13 @@ def test_decoupling_loss_total_is_weighted_sum():
     mi = path_class_loss(gates[0], labels, heads[0]) + path_class_loss(gates[1], labels, heads[1])
     sp = sparsity_loss(gates[0], 0.4) + sparsity_loss(gates[1], 0.4)
     assert float(total.detach()) == pytest.approx(float((ce + 0.7 * kl + 0.3 * mi + 2.0 * sp).detach()), rel=1e-6)
-    assert terms["ce"] == pytest.approx(float(ce.detach()), rel=1e-6)
-    assert terms["kl"] == pytest.approx(float(kl.detach()), rel=1e-6)
-    assert terms["mi"] == pytest.approx(float(mi.detach()), rel=1e-6)
-    assert terms["sp"] == pytest.approx(float(sp.detach()), rel=1e-6)
-    assert set(terms) == {"ce", "kl", "mi", "sp"}
+    assert float(terms["ce"]) == pytest.approx(float(ce.detach()), rel=1e-6)
+    assert float(terms["kl"]) == pytest.approx(float(kl.detach()), rel=1e-6)
+    assert float(terms["mi"]) == pytest.approx(float(mi.detach()), rel=1e-6)
+    assert float(terms["sp"]) == pytest.approx(float(sp.detach()), rel=1e-6)
+    assert set(terms) == {"ce", "kl", "mi", "sp", "mi_0", "mi_1"}
+    assert float(terms["mi_0"]) == pytest.approx(float(path_class_loss(gates[0], labels, heads[0])), rel=1e-6)
+    assert not any(t.requires_grad for t in terms.values())  # logged without keeping the graph
     assert total.requires_grad
     # the decoupled model's trace feeds it directly, and gradients reach the ACMs
     total.backward()
@@ -317,3 +322,53 @@ def test_decoupling_loss_backprops_into_acm(tiny_arch):
     for block in model.blocks[1:]:
         assert block.control.fc2.weight.grad is not None
         assert float(block.control.fc2.weight.grad.abs().sum()) > 0
+
+
+def test_distillation_loss_is_hinton_kl():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    t = 3.0
+    p = torch.softmax(teacher / t, dim=1)
+    q = torch.softmax(student / t, dim=1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * t * t
+    assert float(distillation_loss(student, teacher, t)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(distillation_loss(teacher, teacher, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_hard_bits_forward_is_binary_gradient_is_sigmoid():
+    z = torch.tensor([-2.0, -0.1, 0.3, 4.0], requires_grad=True)
+    bits = hard_bits(z)
+    assert bits.tolist() == [0.0, 0.0, 1.0, 1.0]
+    bits.sum().backward()
+    s = torch.sigmoid(z.detach())
+    assert torch.allclose(z.grad, s * (1 - s))
+
+
+def test_layer_weights_interpolate_front_to_back():
+    assert layer_weights(1, 3.0) == [1.0]
+    assert layer_weights(3, 3.0) == pytest.approx([3.0, 2.0, 1.0])
+    assert layer_weights(4, 1.0) == pytest.approx([1.0] * 4)
+
+
+def test_decoupling_loss_front_weight_hard_bits_and_distillation():
+    g = torch.Generator().manual_seed(2)
+    logits, teacher = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = [torch.randn(6, 4, generator=g), torch.randn(6, 5, generator=g)]
+    gates = [torch.sigmoid(zl) for zl in z]
+    outputs = [torch.rand(6, 4, 2, 2, generator=g), torch.rand(6, 5, 2, 2, generator=g)]
+    torch.manual_seed(0)
+    heads = nn.ModuleList([nn.Linear(4, 3, bias=False), nn.Linear(5, 3, bias=False)])
+    w = DecouplingWeights(lambda_k=0.5, lambda_m=0.2, lambda_s=1.5, target_ratio=0.4, mi_front_weight=3.0,
+                          mi_hard_bits=True, distill_weight=0.8, distill_temperature=2.0)
+    total, terms = decoupling_loss(logits, labels, gates, outputs, heads, w, gate_logits=z, teacher_logits=teacher)
+    mi = [path_class_loss((zl > 0).float(), labels, h) for zl, h in zip(z, heads)]
+    expected = (F.cross_entropy(logits, labels) + 0.5 * sum(alignment_loss(o, v) for o, v in zip(outputs, gates))
+                + 0.2 * (3.0 * mi[0] + 1.0 * mi[1]) + 1.5 * sum(sparsity_loss(v, 0.4) for v in gates)
+                + 0.8 * distillation_loss(logits, teacher, 2.0))
+    assert float(total) == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["kd"]) == pytest.approx(float(distillation_loss(logits, teacher, 2.0)), rel=1e-5)
+    with pytest.raises(ValueError, match="teacher"):
+        decoupling_loss(logits, labels, gates, outputs, heads, w, gate_logits=z)
+    with pytest.raises(ValueError, match="gate logits"):
+        decoupling_loss(logits, labels, gates, outputs, heads, w, teacher_logits=teacher)

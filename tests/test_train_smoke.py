@@ -24,6 +24,8 @@ def smoke_bundle(tmp_path_factory):
     cfg = TrainConfig(
         output=str(out), epochs_plain=1, epochs_decoupled=1,
         limit_train=LIMIT_TRAIN, limit_test=LIMIT_TEST, progress=False, architecture="vgg-small",
+        # the issue-10 terms: distillation, front-weighted path-class term on the hard bits
+        distill_weight=1.0, mi_hard_bits=True, mi_front_weight=2.0, device="cpu",
     )
     threads = torch.get_num_threads()
     path = train(cfg)
@@ -66,6 +68,25 @@ def test_card_figures(smoke_bundle):
     assert card["interrupted"] is None
 
 
+def test_card_path_quality(smoke_bundle):
+    """Issue 10's figures: a linear probe per gated layer (and the whole
+    path) on test and validation, per-layer class Jaccard, and the
+    path-class term of the last epoch beside chance."""
+    card = load_bundle(smoke_bundle[1]).card
+    probe = card["path_quality"]["probe"]
+    assert probe["fit_images"] == 540 and probe["layers"] == 4 and probe["chance"] == pytest.approx(0.1)
+    for split in ("test", "validation"):
+        assert len(probe["accuracy"][split]) == 5
+        assert all(0.0 <= a <= 1.0 for a in probe["accuracy"][split])
+    jaccard = card["path_quality"]["jaccard_per_layer_test"]
+    assert len(jaccard) == 4 and all(0.0 <= j["between_class"] <= 1.0 for j in jaccard)
+    term = card["path_class_term_end"]
+    assert len(term["per_layer"]) == 4 and term["chance_per_layer"] == pytest.approx(math.log(10))
+    assert sum(term["per_layer"]) == pytest.approx(term["sum"], rel=1e-3)
+    assert 0.0 <= card["validation"]["active_fraction"] <= 1.0
+    assert 0.0 < card["validation"]["mac_ratio_vs_plain"] <= 1.01
+
+
 def test_card_accuracy_is_reproducible_from_bundle(smoke_bundle, fmnist_test):
     _, path = smoke_bundle
     bundle = load_bundle(path)
@@ -89,7 +110,8 @@ def test_training_record(smoke_bundle):
         record = training["history"][stage][0]
         assert math.isfinite(record["train_ce"]) and 0.0 <= record["val_accuracy"] <= 1.0
     decoupled = training["history"]["decoupled"][0]
-    for term in ("train_kl", "train_mi", "train_sp", "train_on", "val_active_ratio"):
+    for term in ("train_kl", "train_mi", "train_sp", "train_on", "train_kd", "train_mi_0", "train_mi_3",
+                 "val_active_ratio"):
         assert math.isfinite(decoupled[term])
     assert training["versions"]["torch"] == torch.__version__
 

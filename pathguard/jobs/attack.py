@@ -26,15 +26,17 @@ import torch
 from pathguard.attacks.generate import DEFAULT_BATCH_SIZE, generate_attack_set, save_attack_set
 from pathguard.attacks.presets import PRESETS, parse_override
 from pathguard.detector.bundle import load_bundle
+from pathguard.detector.devices import resolve_device
 from pathguard.detector.paths import correct_mask
 from pathguard.detector.splits import stratified_sample
 
-from .config import BundleOptions, check, option
+from .config import BundleOptions, check, device_option, option
 from .data import data_spec, load_for
 
 
 @dataclass
 class Config(BundleOptions):
+    device: str = device_option()
     split: str = option("test", "split to attack", choices=("train", "test"))
     attack: tuple = option(("all",), "attacks to run, or 'all'", choices=(*PRESETS, "all"))
     n: int = option(2000, "attack N correctly classified images (class-stratified, seeded)", minimum=1)
@@ -103,7 +105,7 @@ def run(cfg: Config) -> None:
         overrides = parse_overrides(list(cfg.overrides), attacks)
     except ValueError as exc:
         raise SystemExit(f"pathguard attack: error: {exc}") from None
-    bundle = load_bundle(cfg.bundle)
+    bundle = load_bundle(cfg.bundle).to(resolve_device(cfg.device))
     model = bundle.decoupled.eval()
     spec = data_spec(bundle, cfg.dataset, cfg.data_root)
     data = load_for(bundle, spec, cfg.split)

@@ -13,6 +13,7 @@ from typing import Any
 
 from pathguard.detector.bundle import DEFAULT_BUNDLE
 from pathguard.detector.data import DATASETS
+from pathguard.detector.devices import DEVICES
 
 DEFAULT_BUNDLE_TEXT = str(DEFAULT_BUNDLE)
 
@@ -66,3 +67,9 @@ class BundleOptions:
     dataset: str | None = option(None, "dataset (default: the one the bundle was trained on)", kind=str,
                                  choices=DATASETS)
     data_root: str | None = option(None, "dataset directory (default: the bundle's)", kind=str)
+
+
+def device_option():
+    """The --device option of the jobs that run networks on many images."""
+    return option("auto", "where the networks run: auto (the GPU if PyTorch sees one), cpu or cuda",
+                  choices=DEVICES)

@@ -37,12 +37,13 @@ from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import load_bundle, load_detector, update_bundle_card
 from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import DETECTORS, Detector, PathScore, SupervisedPathDetector, make_detector
+from pathguard.detector.devices import resolve_device
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
 from pathguard.detector.paths import PathBatch, correct_mask, observe
 from pathguard.detector.splits import class_counts
 
-from .config import BundleOptions, as_json, check, option
+from .config import BundleOptions, as_json, check, device_option, option
 from .data import data_spec, load_for, train_validation
 from .report import card_summary, markdown_table, write_report
 
@@ -54,6 +55,7 @@ BUNDLE_DETECTOR = "path"  # the bundle's own, already fitted and calibrated
 
 @dataclass
 class Config(BundleOptions):
+    device: str = device_option()
     output: str = option("reports/default", "report directory")
     n: int = option(2000, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=ALL_ATTACKS)
@@ -223,7 +225,7 @@ def evaluate(cfg: Config) -> dict:
         raise ValueError(f"--unsupervised must include {BUNDLE_DETECTOR!r}, the bundle's detector")
     started, timer = time.time(), _Timer()
     torch.manual_seed(cfg.seed)
-    bundle = load_bundle(cfg.bundle)
+    bundle = load_bundle(cfg.bundle).to(resolve_device(cfg.device))
     model = bundle.decoupled
     path = load_detector(bundle)
     with timer.section("data and baselines fit"):

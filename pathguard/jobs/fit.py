@@ -31,11 +31,12 @@ from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import Bundle, load_bundle, save_detector, update_bundle_card
 from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import PATH_SCORES, PathScore, make_detector
+from pathguard.detector.devices import resolve_device
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import PathBatch, correct_mask, extract_paths, observe
 from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
-from .config import BundleOptions, as_json, check, option
+from .config import BundleOptions, as_json, check, device_option, option
 from .data import data_spec, load_for, train_validation
 
 # A threshold is a (1 - FPR) quantile: with fewer clean images its FPR is
@@ -45,6 +46,7 @@ MIN_CALIBRATION = 250
 
 @dataclass
 class Config(BundleOptions):
+    device: str = device_option()
     score: str = option("auto", "path score; auto = the ablation's winner", choices=("auto", *PATH_SCORES))
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)
@@ -108,7 +110,7 @@ def fit_bundle(cfg: Config) -> dict:
     check(cfg)
     started = time.time()
     torch.manual_seed(cfg.seed)
-    bundle = load_bundle(cfg.bundle)
+    bundle = load_bundle(cfg.bundle).to(resolve_device(cfg.device))
     model = bundle.decoupled
     spec = data_spec(bundle, cfg.dataset, cfg.data_root)
     train, val = train_validation(bundle, spec)

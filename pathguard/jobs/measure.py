@@ -10,24 +10,31 @@ import json
 from dataclasses import dataclass
 
 from pathguard.detector.bundle import load_bundle, update_bundle_card
-from pathguard.detector.measure import measure_card
+from pathguard.detector.devices import resolve_device
+from pathguard.detector.measure import measure_card, path_class_term
 
-from .config import BundleOptions, DEFAULT_BUNDLE_TEXT, check, option
-from .data import data_spec, load_for
+from .config import BundleOptions, DEFAULT_BUNDLE_TEXT, check, device_option, option
+from .data import data_spec, load_for, train_validation
 
 
 @dataclass
 class Config(BundleOptions):
     """A bundle and the data to measure it on (default: the bundle's)."""
+    device: str = device_option()
 
 
 def run(cfg: Config) -> dict:
     check(cfg)
-    bundle = load_bundle(cfg.bundle)
-    test = load_for(bundle, data_spec(bundle, cfg.dataset, cfg.data_root), "test")
-    card = measure_card(bundle.decoupled, bundle.plain, test, None)
-    update_bundle_card(bundle.path, {"test": card["test"]})
-    print(json.dumps(card["test"], indent=2))
+    bundle = load_bundle(cfg.bundle).to(resolve_device(cfg.device))
+    spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+    test = load_for(bundle, spec, "test")
+    train, val = train_validation(bundle, spec)
+    card = measure_card(bundle.decoupled, bundle.plain, test, val, train=train)
+    card["path_class_term_end"] = path_class_term(bundle.training.get("history", {}).get("decoupled", []),
+                                                  bundle.arch.num_classes)
+    update_bundle_card(bundle.path, {k: card[k] for k in ("test", "validation", "path_quality",
+                                                         "path_class_term_end")})
+    print(json.dumps({k: card[k] for k in ("test", "path_quality", "path_class_term_end")}, indent=2))
     return card
 
 

@@ -29,8 +29,9 @@ from pathguard.detector.bundle import DEFAULT_BUNDLE, state_dict_copy, write_bun
 from pathguard.detector.data import (
     DATASETS, RESIZE_RULES, DataSpec, ImageSet, load_split, normalisation_stats, resolve_spec, train_val_split,
 )
+from pathguard.detector.devices import DEVICES, exact_arithmetic, resolve_device
 from pathguard.detector.losses import DecouplingWeights, decoupling_loss
-from pathguard.detector.measure import evaluate_accuracy, measure_card, versions
+from pathguard.detector.measure import evaluate_accuracy, measure_card, path_class_term, versions
 from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for
 
 from .config import check, option
@@ -73,6 +74,15 @@ class Config:
     lambda_k: float = option(1.0, "weight of the alignment (KL) term", minimum=0)
     lambda_m: float = option(0.2, "weight of the path-class (mutual-information surrogate) term", minimum=0)
     lambda_s: float = option(1.0, "weight of the sparsity term", minimum=0)
+    mi_front_weight: float = option(1.0, "weight of the first gated layer's path-class term relative to the last "
+                                    "(linear in between)", minimum=0)
+    mi_hard_bits: bool = option(False, "path-class heads read the binary path (straight-through) instead of the "
+                                "training gate")
+    # Distillation from the stage-1 plain network: its soft answers keep the
+    # decoupled net close to what the plain net computes while gates switch off.
+    distill_weight: float = option(0.0, "weight of the distillation term from the stage-1 plain net (0: none)",
+                                   minimum=0)
+    distill_temperature: float = option(4.0, "distillation temperature", minimum=0)
     target_ratio: float = option(0.55, "target fraction of active gates (rho)", minimum=0)
     # Std of the Gaussian noise on the gate logits in training.  "linear"
     # anneals it to 0 over stage 2, so the last steps train the backbone
@@ -93,6 +103,8 @@ class Config:
                                      minimum=1)
     limit_test: int | None = option(None, "measure on the first N test images only", kind=int, minimum=1)
     threads: int | None = option(None, "torch threads (default: torch's choice)", kind=int, minimum=1)
+    device: str = option("auto", "where to train: auto (the GPU if PyTorch sees one), cpu or cuda",
+                         choices=DEVICES)
     progress: bool = option(True, "progress bars")
 
 
@@ -105,7 +117,7 @@ def seed_everything(seed: int) -> None:
 def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and a random shift of up to 2 pixels."""
     n = x.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
     padded = F.pad(x, (2, 2, 2, 2))
     dx, dy = torch.randint(0, 5, (2,), generator=generator).tolist()
@@ -147,11 +159,58 @@ class _Stage:
         self.best_epoch = 0
         self.history: list[dict] = []
         self.checkpoint: Path | None = None
+        self.teacher: ConvNet | None = None  # distillation source (stage 2 only)
+
+
+def _train_step(stage: _Stage, x: torch.Tensor, y: torch.Tensor, weights: DecouplingWeights | None) -> tuple:
+    """One optimisation step; returns (logits, terms as detached tensors)."""
+    if weights is None:
+        logits = stage.model(x)
+        loss = F.cross_entropy(logits, y)
+        terms = {"ce": loss.detach()}
+    else:
+        trace = stage.model.trace(x, keep_outputs=True)
+        logits = trace.logits
+        teacher = None
+        if stage.teacher is not None:
+            with torch.no_grad():
+                teacher = stage.teacher(x)
+        loss, terms = decoupling_loss(logits, y, trace.gates, trace.outputs, stage.heads, weights,
+                                      gate_logits=trace.gate_logits, teacher_logits=teacher)
+        terms["on"] = trace.path.detach().mean()
+    stage.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    stage.optimizer.step()
+    stage.scheduler.step()
+    return logits, terms
+
+
+def _run_epoch(stage: _Stage, epoch: int, train: ImageSet, cfg: Config, generator: torch.Generator,
+               weights: DecouplingWeights | None) -> dict:
+    """One pass over the training part; the running sums stay on the
+    device (no per-step sync), read once at the end."""
+    steps = math.ceil(len(train) / cfg.batch_size)
+    sums: dict[str, torch.Tensor] = {}
+    seen, correct = 0, torch.zeros((), device=train.images.device)
+    bar = tqdm(_batches(len(train), cfg.batch_size, generator), total=steps, disable=not cfg.progress,
+               desc=f"{stage.name} {epoch}/{stage.epochs}", leave=False)
+    for step, index in enumerate(bar):
+        index = index.to(train.images.device)
+        x, y = train.images[index], train.labels[index]
+        if cfg.augment:
+            x = augment_batch(x, generator)
+        logits, terms = _train_step(stage, x, y, weights)
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v * len(y)
+        seen += len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        if cfg.progress and step % 50 == 0:
+            bar.set_postfix({k: f"{float(v) / seen:.3f}" for k, v in sums.items() if not k.startswith("mi_")})
+    return {"train_accuracy": float(correct) / seen, **{f"train_{k}": float(v) / seen for k, v in sums.items()}}
 
 
 def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: Config, generator: torch.Generator,
                weights: DecouplingWeights | None) -> None:
-    steps = math.ceil(len(train) / cfg.batch_size)
     for epoch in range(1, stage.epochs + 1):
         stage.model.train()
         remaining = (stage.epochs - epoch) / max(stage.epochs - 1, 1)  # 1 -> 0 over the stage
@@ -159,35 +218,9 @@ def _run_stage(stage: _Stage, train: ImageSet, val: ImageSet, cfg: Config, gener
         stage.model.gate_noise = cfg.gate_noise * (remaining if annealed else 1.0)
         stage.model.gate_hard_prob = 1.0 - 0.5 * remaining if cfg.noise_schedule == "linear-hard" else 0.5
         started = time.time()
-        sums: dict[str, float] = {}
-        seen = correct = 0
-        bar = tqdm(_batches(len(train), cfg.batch_size, generator), total=steps, disable=not cfg.progress,
-                   desc=f"{stage.name} {epoch}/{stage.epochs}", leave=False)
-        for index in bar:
-            x, y = train.images[index], train.labels[index]
-            if cfg.augment:
-                x = augment_batch(x, generator)
-            if weights is None:
-                logits = stage.model(x)
-                loss = F.cross_entropy(logits, y)
-                terms = {"ce": loss.item()}
-            else:
-                trace = stage.model.trace(x, keep_outputs=True)
-                logits = trace.logits
-                loss, terms = decoupling_loss(logits, y, trace.gates, trace.outputs, stage.heads, weights)
-                terms["on"] = float(trace.path.detach().mean())
-            stage.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            stage.optimizer.step()
-            stage.scheduler.step()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v * len(y)
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"acc": f"{correct / seen:.3f}"})
+        trained = _run_epoch(stage, epoch, train, cfg, generator, weights)
         val_metrics = evaluate_accuracy(stage.model, val)
-        record = {"epoch": epoch, "train_accuracy": correct / seen, "seconds": time.time() - started,
-                  **{f"train_{k}": v / seen for k, v in sums.items()},
+        record = {"epoch": epoch, "seconds": time.time() - started, **trained,
                   **{f"val_{k}": v for k, v in val_metrics.items()}}
         stage.history.append(record)
         eligible = val_metrics.get("active_ratio", 0.0) <= cfg.max_active_ratio
@@ -248,14 +281,20 @@ def _load_data(cfg: Config) -> _Data:
 
 def _stage2(cfg: Config, arch, plain: ConvNet, steps: int) -> tuple[_Stage, _Stage]:
     """The decoupled stage and the plain reference, both from the plain net."""
-    decoupled = ConvNet(arch, gated=True)
+    device = next(plain.parameters()).device
+    decoupled = ConvNet(arch, gated=True).to(device)
     decoupled.load_plain_weights(plain)
-    heads = nn.ModuleList(nn.Linear(wd, arch.num_classes, bias=False) for wd in decoupled.gated_widths)
+    heads = nn.ModuleList(nn.Linear(wd, arch.num_classes, bias=False) for wd in decoupled.gated_widths).to(device)
     # The reference: the same plain net given the same extra budget.
     stage_ref = _Stage("plain-ref", plain, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg)
     stage_ref.checkpoint = checkpoint_dir(cfg) / "plain_reference.safetensors"
     stage2 = _Stage("decoupled", decoupled, cfg.lr_decoupled, cfg.epochs_decoupled, steps, cfg, heads)
     stage2.checkpoint = checkpoint_dir(cfg) / "decoupled.safetensors"
+    if cfg.distill_weight > 0:
+        # A frozen copy of the stage-1 net: the reference keeps training the original.
+        stage2.teacher = ConvNet(arch, gated=False).to(device)
+        stage2.teacher.load_state_dict(plain.state_dict())
+        stage2.teacher.eval().requires_grad_(False)
     return stage2, stage_ref
 
 
@@ -265,17 +304,21 @@ def train(cfg: Config) -> Path:
     check_output(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device, exact=False)  # TF32 while training; exact from measuring on
     seed_everything(cfg.seed)
     started = time.time()
     data = _load_data(cfg)
+    # The whole training part lives on the device: batches are index lookups, no copies.
+    data.train = data.train.to(device)
     c, h, _ = data.train.shape
     norm = data.record["normalisation"]
     arch = architecture_for(cfg.architecture, c, h, len(data.classes), norm["mean"], norm["std"])
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(len(data.train) / cfg.batch_size)
-    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio)
+    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio, cfg.mi_front_weight,
+                                cfg.mi_hard_bits, cfg.distill_weight, cfg.distill_temperature)
 
-    plain = ConvNet(arch, gated=False)
+    plain = ConvNet(arch, gated=False).to(device)
     stage1 = _Stage("plain", plain, cfg.lr_plain, cfg.epochs_plain, steps, cfg)
     stage1.checkpoint = checkpoint_dir(cfg) / "plain.safetensors"
     stage2 = stage_ref = None
@@ -303,16 +346,22 @@ def train(cfg: Config) -> Path:
     return _write(cfg, arch, data, (stage1, stage2, stage_ref), interrupted, time.time() - started)
 
 
-def _write(cfg: Config, arch, data: _Data, stages: tuple, interrupted: str | None, seconds: float) -> Path:
-    """The best checkpoints, measured side by side, written as a bundle."""
+def _write(cfg: Config, arch, data: _Data, stages: tuple, interrupted: str | None, seconds: float,
+           extra: dict | None = None) -> Path:
+    """The best checkpoints, measured side by side, written as a bundle;
+    ``extra`` goes into training.json as it is (where the run happened)."""
     stage1, stage2, stage_ref = stages
+    exact_arithmetic(True)
     decoupled, plain = stage2.model, stage_ref.model
     decoupled.load_state_dict(stage2.best_state)
     plain.load_state_dict(stage_ref.best_state)
     decoupled.eval()
     plain.eval()
-    card = measure_card(decoupled, plain, data.test, data.val)
+    card = measure_card(decoupled, plain, data.test, data.val, train=data.train)
+    card["path_class_term_end"] = path_class_term(stage2.history, arch.num_classes)
     card["interrupted"] = interrupted
+    decoupled.cpu()
+    plain.cpu()
     training = {
         "config": asdict(cfg),
         "best_epoch": {"plain": stage1.best_epoch, "decoupled": stage2.best_epoch,
@@ -321,6 +370,7 @@ def _write(cfg: Config, arch, data: _Data, stages: tuple, interrupted: str | Non
         "split": {"train": len(data.train), "validation": len(data.val), "test": len(data.test), "seed": cfg.seed},
         "wall_seconds": seconds,
         "versions": versions(),
+        **(extra or {}),
     }
     return write_bundle(cfg.output, arch, data.classes, decoupled, plain, training, card, data.record)
 
