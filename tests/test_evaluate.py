@@ -56,6 +56,14 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
         assert key in report
     assert report["samples"]["evaluation"] == 40
     assert set(report["attacks"]) == set(attacks)
+    natural = report["natural"]
+    assert {"blank-black", "blank-white", "inverted", "white-background", "gaussian-noise",
+            "rotated-90"} <= set(natural["groups"])
+    for rec in natural["groups"].values():
+        assert rec["images"] == 40 and 0.0 <= rec["flag_rate"] <= 1.0
+        assert set(rec["auroc"]) == set(report["detectors"]["unsupervised"] + report["detectors"]["supervised"])
+    assert "same_class_rate" in natural["groups"]["inverted"] and "same_class_rate" not in natural["groups"]["blank-grey"]
+    assert "Natural out-of-distribution" in (out / "report.md").read_text()
     with_metrics = [a for a, r in report["attacks"].items() if r["detectors"]]
     assert {"fgsm", "pgd"} <= set(with_metrics)
     for name in with_metrics:

@@ -40,6 +40,7 @@ from pathguard.detector.detectors import DETECTORS, Detector, PathScore, Supervi
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
+from pathguard.detector.natural import natural_ood
 from pathguard.detector.paths import PathBatch, correct_mask, observe
 from pathguard.detector.splits import class_counts
 
@@ -75,6 +76,8 @@ class Config(BundleOptions):
     save_attacks: str | None = option(None, "also write each test attack set here (pathguard attack's format)",
                                       kind=str)
     update_card: bool = option(True, "copy the headline figures into the bundle's model card (served by /model)")
+    natural: bool = option(True, "also score the natural out-of-distribution set (blank, inverted, white "
+                           "background, noise, rotated images; detector/natural.py)")
 
 
 def noise_like(original: torch.Tensor, adversarial: torch.Tensor, seed: int) -> torch.Tensor:
@@ -217,6 +220,28 @@ def _score_attack(run: _Run, name: str, clean_batch: PathBatch, clean_scores: di
     return record, curves
 
 
+def _score_natural(run: _Run, clean_batch: PathBatch, clean_scores: dict) -> dict:
+    """Each natural out-of-distribution group, built from the evaluation
+    images: the share the stored threshold flags, the share classified as
+    the source image's class (for groups made from test images), and every
+    detector's AUROC of the group against the clean evaluation images."""
+    natural = natural_ood(run.evalset.images, seed=run.cfg.seed)
+    path = run.detectors[BUNDLE_DETECTOR]
+    out = {}
+    for name, images in natural.groups.items():
+        batch = run.observe(images)
+        scores = {d: det.score_samples(batch) for d, det in run.detectors.items()}
+        record = {"images": len(images), "provenance": natural.provenance[name],
+                  "flag_rate": float(path.flag(scores[BUNDLE_DETECTOR]).mean()),
+                  "auroc": {d: detection_metrics(clean_scores[d], scores[d])["auroc"] for d in run.detectors}}
+        if natural.provenance[name]["from_test_images"]:
+            record["same_class_rate"] = float((batch.predictions == run.evalset.labels).float().mean())
+        out[name] = record
+    flagged = sum(r["flag_rate"] * r["images"] for r in out.values()) / sum(r["images"] for r in out.values())
+    return {"groups": out, "flag_rate_all": flagged, "seed": run.cfg.seed,
+            "clean_flag_rate": float(path.flag(clean_scores[BUNDLE_DETECTOR]).mean())}
+
+
 def evaluate(cfg: Config) -> dict:
     check(cfg)
     if cfg.quick:
@@ -248,6 +273,9 @@ def evaluate(cfg: Config) -> dict:
         results[name], attack_curves = _score_attack(run, name, clean_batch, clean_scores)
         if attack_curves:
             curves[name] = attack_curves
+    if cfg.natural:
+        with timer.section("natural"):
+            natural = _score_natural(run, clean_batch, clean_scores)
     report = {
         "bundle": {"path": str(bundle.path), "digest": bundle.digest},
         "detector": {"score": path.name, "threshold": path.threshold_, "target_fpr": path.target_fpr},
@@ -260,6 +288,7 @@ def evaluate(cfg: Config) -> dict:
             "all_test_images": len(test),
         },
         "attacks": results,
+        **({"natural": natural} if cfg.natural else {}),
         "samples": {"evaluation": len(run.evalset), "supervised_training_validation_images": n_supervised,
                     "baseline_training_images": len(train), "selection": "class-stratified, seeded, among the "
                     "correctly classified images", "evaluation_per_class": class_counts(run.evalset.labels)},

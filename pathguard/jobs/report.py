@@ -24,6 +24,7 @@ def card_summary(report: dict) -> dict:
             for name, rec in report["attacks"].items()
         },
         "supervised_trained_on": report["config"]["supervised_attacks"],
+        "natural_flag_rates": {k: v["flag_rate"] for k, v in report.get("natural", {}).get("groups", {}).items()},
         "wall_seconds": report["wall_seconds"],
     }
 
@@ -55,9 +56,30 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"| {name}{star} | {a['success_rate']:.3f} | {a['mean_l2']:.3f} | {a['mean_linf']:.3f} | {aurocs} "
             f"| {d['path']['tpr_at_5fpr']:.3f} | {t['adversarial_flag_rate']:.3f} | {t['noise_flag_rate']:.3f} |")
+    lines += natural_table(report)
     lines += ["", f"Wall time: {report['wall_seconds']:.0f} s ({report['versions']['threads']} threads, "
                   f"{report['versions']['machine']})."]
     return "\n".join(lines) + "\n"
+
+
+def natural_table(report: dict) -> list[str]:
+    """Markdown lines for the natural out-of-distribution groups (if scored)."""
+    natural = report.get("natural")
+    if not natural:
+        return []
+    names = report["detectors"]["unsupervised"] + report["detectors"]["supervised"]
+    lines = ["", f"Natural out-of-distribution images (from the evaluation images, seed {natural['seed']}): "
+                 f"share flagged at the stored threshold ({natural['flag_rate_all']:.3f} over all groups; "
+                 f"clean evaluation images: {natural['clean_flag_rate']:.3f}), share given the source "
+                 "image's class, and AUROC against the clean evaluation images.", "",
+             "| group | images | flagged | same class | " + " | ".join(names) + " |",
+             "|---" * (4 + len(names)) + "|"]
+    for name, rec in natural["groups"].items():
+        same = rec.get("same_class_rate")
+        aurocs = " | ".join(f"{rec['auroc'][d]:.4f}" for d in names)
+        lines.append(f"| {name} | {rec['images']} | {rec['flag_rate']:.3f} | "
+                     f"{'-' if same is None else f'{same:.3f}'} | {aurocs} |")
+    return lines
 
 
 def _roc_png(report: dict, name: str, per_detector: dict) -> bytes:
