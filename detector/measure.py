@@ -23,7 +23,7 @@ PROBE_TRAIN_IMAGES = 20000
 def evaluate_accuracy(model: ConvNet, data: ImageSet, batch_size: int = 1000) -> dict:
     """Accuracy (and, for the gated net, mean active ratio) in inference mode."""
     batch = observe(model, data.images, batch_size)
-    out = {"accuracy": float((batch.predictions == data.labels).double().mean())}
+    out = {"accuracy": _accuracy(batch, data.labels)}
     if model.gated:
         out["active_ratio"] = float(batch.paths.double().mean())
     return out
