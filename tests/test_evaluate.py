@@ -48,7 +48,9 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
     out = tmp_path / "report"
     attacks = ["fgsm", "bim", "pgd", "cw", "deepfool", "fgsm-low", "bim-low", "pgd-low"]
     assert main(["evaluate", "--bundle", str(fitted_bundle), "--output", str(out), "--quick", "--quick-n", "40",
-                 "--limit-train", "1200", "--no-progress", "--attacks", *attacks]) == 0
+                 "--limit-train", "1200", "--no-progress", "--attacks", *attacks,
+                 "--unsupervised", "path", "max-softmax", "energy", "mahalanobis", "mahalanobis-multi", "knn",
+                 "nic"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert _finite(report)
     assert (out / "report.md").read_text().count("\n|") >= 2 + len(attacks)
@@ -68,7 +70,8 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
     assert {"fgsm", "pgd"} <= set(with_metrics)
     for name in with_metrics:
         rec = report["attacks"][name]
-        assert set(rec["detectors"]) == {"path", "max-softmax", "mahalanobis", "path-supervised", "lid"}
+        assert set(rec["detectors"]) == {"path", "max-softmax", "energy", "mahalanobis", "mahalanobis-multi", "knn",
+                                         "nic", "path-supervised", "lid"}
         for metrics in rec["detectors"].values():
             assert 0.0 <= metrics["auroc"] <= 1.0
         assert (out / f"roc_{name}.png").stat().st_size > 5000

@@ -60,7 +60,8 @@ class Config(BundleOptions):
     output: str = option("reports/default", "report directory")
     n: int = option(2000, "evaluation images: correctly classified test images, class-stratified", minimum=1)
     attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=ALL_ATTACKS)
-    unsupervised: tuple = option((BUNDLE_DETECTOR, "max-softmax", "mahalanobis"),
+    unsupervised: tuple = option((BUNDLE_DETECTOR, "max-softmax", "energy", "mahalanobis", "mahalanobis-multi",
+                                  "knn"),
                                  "unsupervised detectors ('path' = the bundle's)",
                                  choices=(BUNDLE_DETECTOR, *DETECTORS))
     supervised: tuple = option(("path-supervised", "lid"), "supervised detectors", choices=tuple(DETECTORS))
@@ -115,6 +116,12 @@ class _Timer:
         return _Ctx()
 
 
+def _needs(names, what: str) -> bool:
+    """Whether any of the named detectors reads ``what`` ("blocks" or
+    "activations") of a batch; the bundle's own detector reads neither."""
+    return any(what in DETECTORS[n].requires for n in names if n != BUNDLE_DETECTOR)
+
+
 @dataclass
 class _Run:
     """What every step of one evaluation shares."""
@@ -125,9 +132,10 @@ class _Run:
     evalset: ImageSet
     needs_activations: bool
     timer: _Timer
+    needs_blocks: bool = False
 
     def observe(self, images: torch.Tensor) -> PathBatch:
-        return observe(self.model, images, activations=self.needs_activations)
+        return observe(self.model, images, activations=self.needs_activations, blocks=self.needs_blocks)
 
     def attack(self, images: ImageSet, name: str):
         overrides = QUICK_OVERRIDES.get(name) if self.cfg.quick else None
@@ -136,6 +144,10 @@ class _Run:
 
 
 def _fit_unsupervised(cfg: Config, bundle_detector: PathScore, train: ImageSet, model) -> dict[str, Detector]:
+    """The unsupervised baselines, fitted on the clean training part.  A
+    detector that reads every layer's activations (NIC) is fitted on its
+    own seeded draw of at most its ``max_fit`` images: activations of the
+    whole training part would not fit in memory."""
     detectors = {}
     train_batch = None
     for name in cfg.unsupervised:
@@ -143,12 +155,16 @@ def _fit_unsupervised(cfg: Config, bundle_detector: PathScore, train: ImageSet, 
             detectors[name] = bundle_detector
             continue
         detector = make_detector(name)
+        if hasattr(detector, "seed"):  # NIC's draw of fit rows follows the run's seed
+            detector.seed = cfg.seed
         if detector.supervised:
             raise ValueError(f"{name} is supervised: list it under --supervised")
+        if "activations" in detector.requires:
+            part = train.sample(min(getattr(detector, "max_fit", len(train)), len(train)), cfg.seed, shrink=True)
+            detectors[name] = detector.fit(observe(model, part.images, labels=part.labels, activations=True))
+            continue
         if train_batch is None:
-            train_batch = observe(model, train.images, labels=train.labels,
-                                  activations=any("activations" in DETECTORS[n].requires
-                                                  for n in cfg.unsupervised if n != BUNDLE_DETECTOR))
+            train_batch = observe(model, train.images, labels=train.labels, blocks=_needs(cfg.unsupervised, "blocks"))
         detectors[name] = detector.fit(train_batch)
     return detectors
 
@@ -260,10 +276,9 @@ def evaluate(cfg: Config) -> dict:
         if cfg.limit_train:
             train = train.head(cfg.limit_train)
         detectors = _fit_unsupervised(cfg, path, train, model)
-        needs = any("activations" in DETECTORS[n].requires for n in cfg.supervised + cfg.unsupervised
-                    if n != BUNDLE_DETECTOR)
+        names = cfg.supervised + cfg.unsupervised
         evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
-        run = _Run(cfg, model, detectors, evalset, needs, timer)
+        run = _Run(cfg, model, detectors, evalset, _needs(names, "activations"), timer, _needs(names, "blocks"))
     with timer.section("supervised training"):
         n_supervised = _fit_supervised(run, val, path)
     clean_batch = run.observe(run.evalset.images)
