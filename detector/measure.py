@@ -42,6 +42,10 @@ def path_probes(fit: PathBatch, fit_labels: torch.Tensor, evaluations: dict[str,
     each evaluation set.  The last entry of each list is the whole path
     (all layers concatenated).  Chance is 1 / classes."""
     x_fit, y_fit = _layers(fit), torch.as_tensor(fit_labels).cpu().numpy()
+    if len(np.unique(y_fit)) < 2:  # e.g. --limit-train on a folder listed class by class
+        return {"fit_images": len(fit), "layers": len(x_fit) - 1, "chance": 1.0 / num_classes,
+                "accuracy": {name: None for name in evaluations},
+                "note": "not measured: the probe's training images hold fewer than 2 classes"}
     scored = {name: (_layers(batch), torch.as_tensor(y).cpu().numpy()) for name, (batch, y) in evaluations.items()}
     accuracy: dict[str, list[float]] = {name: [] for name in evaluations}
     for layer in range(len(x_fit)):

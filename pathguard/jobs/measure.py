@@ -34,7 +34,9 @@ def run(cfg: Config) -> dict:
                                                   bundle.arch.num_classes)
     update_bundle_card(bundle.path, {k: card[k] for k in ("test", "validation", "path_quality",
                                                          "path_class_term_end")})
-    print(json.dumps({k: card[k] for k in ("test", "path_quality", "path_class_term_end")}, indent=2))
+    # the test figures at the top level (as before), path quality beside them
+    print(json.dumps({**card["test"], "path_quality": card["path_quality"],
+                      "path_class_term_end": card["path_class_term_end"]}, indent=2))
     return card
 
 
