@@ -69,33 +69,8 @@ from pathguard.detector.bundle import DEFAULT_BUNDLE
 from pathguard.detector.data import load_dataset
 from pathguard.detector.inspection import Inspector
 
-WRK_LUA = r"""
--- bench/bench_replicas.py: POST /detect, one pre-built request per body file, cycled;
--- headers given with -H (the API key) are kept. done() prints one WRK_JSON line.
-local prepared, count, position = {}, 0, 0
-function init(args)
-  local headers = {}
-  for name, value in pairs(wrk.headers) do headers[name] = value end
-  headers["Content-Type"] = "application/octet-stream"
-  for k = 1, #args do
-    local file = assert(io.open(args[k], "rb"))
-    count = count + 1
-    prepared[count] = wrk.format("POST", "/detect", headers, file:read("*a"))
-    file:close()
-  end
-end
-function request()
-  position = position % count + 1
-  return prepared[position]
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('WRK_JSON {"requests": %d, "duration_us": %d, "errors_connect": %d, ' ..
-    '"errors_read": %d, "errors_write": %d, "errors_status": %d, "errors_timeout": %d, "p50_us": %d, ' ..
-    '"p99_us": %d, "max_us": %d}\n', summary.requests, summary.duration, e.connect, e.read, e.write,
-    e.status, e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
-end
-"""
+# One pre-built request per body file, cycled; -H headers kept; a WRK_JSON summary line.
+WRK_BODIES = Path(__file__).resolve().parent / "wrk_bodies.lua"
 
 
 def png(image) -> bytes:
@@ -126,7 +101,7 @@ def check_answers(url: str, key: str, bodies: list[bytes], offline: list) -> Non
 
 def wrk(url: str, key: str, lua: Path, bodies: list[Path], duration: float, connections: int) -> dict:
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration:g}s", "--latency", "--timeout", "30s",
-           "-H", f"X-API-Key: {key}", "-s", str(lua), url, "--", *map(str, bodies)]
+           "-H", f"X-API-Key: {key}", "-s", str(lua), url, "--", "POST", "/detect", "application/octet-stream", *map(str, bodies)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=duration + 120).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("WRK_JSON "))
     result = json.loads(line.removeprefix("WRK_JSON "))
@@ -349,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                                       workdir=workdir / "kube")
     balancer = None
     try:
-        lua = workdir / "bodies.lua"
-        lua.write_text(WRK_LUA)
+        lua = WRK_BODIES
         paths, bodies, offline = prepare_bodies(workdir, args.bodies)
         print("playing two replicas ...", flush=True)
         pods = replicas.up()

@@ -1,4 +1,4 @@
--- wrk script of bench/bench_http.py: one request per call, cycling through
+-- wrk script of bench/bench_http.py and bench/bench_replicas.py: one request per call, cycling through
 -- pre-built bodies read from files once (so wrk does no work per request),
 -- and a machine-readable summary line at the end.
 --
@@ -16,7 +16,9 @@ function init(args)
   local method = args[1] or "GET"
   local path = args[2] or "/"
   local content_type = args[3]
+  -- headers given with -H (e.g. an API key) are kept
   local headers = {}
+  for name, value in pairs(wrk.headers) do headers[name] = value end
   if content_type ~= nil and content_type ~= "-" then
     headers["Content-Type"] = content_type
   end

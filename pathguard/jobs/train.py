@@ -33,6 +33,7 @@ from pathguard.detector.devices import DEVICES, exact_arithmetic, resolve_device
 from pathguard.detector.losses import DecouplingWeights, decoupling_loss
 from pathguard.detector.measure import evaluate_accuracy, measure_card, path_class_term, versions
 from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for
+from pathguard.detector.paths import device_of
 
 from .config import check, option
 
@@ -281,7 +282,7 @@ def _load_data(cfg: Config) -> _Data:
 
 def _stage2(cfg: Config, arch, plain: ConvNet, steps: int) -> tuple[_Stage, _Stage]:
     """The decoupled stage and the plain reference, both from the plain net."""
-    device = next(plain.parameters()).device
+    device = device_of(plain)
     decoupled = ConvNet(arch, gated=True).to(device)
     decoupled.load_plain_weights(plain)
     heads = nn.ModuleList(nn.Linear(wd, arch.num_classes, bias=False) for wd in decoupled.gated_widths).to(device)
