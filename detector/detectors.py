@@ -2,8 +2,10 @@
 
 Importing this module registers the path scores, the supervised path
 detector and the baselines (max-softmax, mahalanobis, lid, energy,
-mahalanobis-multi, knn, nic); ``make_detector(name, **params)`` builds one
-and ``Detector.from_saved`` reloads any of them.
+mahalanobis-multi, knn, nic) and detector v2's channel scores
+(provenance.py: class-evidence, provenance, path-knn, fusion,
+fusion-fisher); ``make_detector(name, **params)`` builds one and
+``Detector.from_saved`` reloads any of them.
 """
 
 from __future__ import annotations
@@ -18,10 +20,24 @@ from .baselines import (
     MaxSoftmax,
     MultiLayerMahalanobis,
 )
-from .scores import PATH_SCORES, PathScore
+from .provenance import (
+    ChannelScore,
+    ClassEvidenceScore,
+    FusionFisherScore,
+    FusionScore,
+    PathKNNScore,
+    ProvenanceScore,
+)
+from .scores import PathScore
 from .supervised import SupervisedPathDetector
 
+# Every registered path score, in registration order: the candidates of
+# ``pathguard fit``'s ablation ("channels" has no default channels to try).
+PATH_SCORES = tuple(name for name, cls in DETECTORS.items()
+                    if issubclass(cls, PathScore) and name != ChannelScore.name)
+
 __all__ = [
-    "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "Detector", "Energy", "Mahalanobis", "MaxSoftmax",
-    "MultiLayerMahalanobis", "NotFittedError", "PathScore", "SupervisedPathDetector", "make_detector", "register",
+    "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "ChannelScore", "ClassEvidenceScore", "Detector", "Energy",
+    "FusionFisherScore", "FusionScore", "Mahalanobis", "MaxSoftmax", "MultiLayerMahalanobis", "NotFittedError",
+    "PathKNNScore", "PathScore", "ProvenanceScore", "SupervisedPathDetector", "make_detector", "register",
 ]

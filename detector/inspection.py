@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
-from .paths import extract_paths, split_layers
+from .paths import observe, split_layers
 from .scores import PathScore
 
 # Images per forward pass.  Small enough that one image alone is answered
@@ -52,6 +52,10 @@ class Inspection:
     layer_deviations: list[float]
     active_fraction: float
     layer_paths: list[list[int]] | None = None
+    # Which layer deviates and which class each gated layer's path points to
+    # (PathScore.evidence): most_deviating, layer_classes (names), early_class
+    # (the first gated layer's), p_values (per channel, or None).
+    evidence: dict | None = None
 
 
 class Inspector:
@@ -107,16 +111,20 @@ class Inspector:
 
     def _inspect_chunk(self, images: torch.Tensor, rows: int, include_path: bool) -> list[Inspection]:
         """The first ``rows`` answers of one pass over ``images``."""
-        batch = extract_paths(self.model, images, batch_size=len(images))
+        batch = observe(self.model, images, batch_size=len(images), blocks="blocks" in self.detector.requires)
         scores = np.asarray(self.detector.score_samples(batch), dtype=np.float64)
         flags = self.detector.flag(scores)
         deviations = np.asarray(self.detector.layer_deviations(batch))
+        evidence = self.detector.evidence(batch)[:rows]  # on the whole chunk: one shape, as the scores
         probs = torch.softmax(batch.logits, dim=1)
         confidence, predicted = probs.max(dim=1)
         active = batch.paths.float().mean(dim=1)
         layers = split_layers(batch.paths[:rows].to(torch.int64), batch.widths) if include_path else None
         threshold = float(self.detector.threshold_)
         classes = self.bundle.classes
+        for item in evidence:
+            item["layer_classes"] = [classes[c] for c in item["layer_classes"]]
+            item["early_class"] = item["layer_classes"][0] if item["layer_classes"] else None
         predicted_ = predicted[:rows].tolist()
         confidence_ = confidence[:rows].tolist()
         scores_ = scores[:rows].tolist()
@@ -127,5 +135,5 @@ class Inspector:
         return [Inspection(
             predicted_class=c, label=classes[c], confidence=confidence_[i], adversarial=bool(flags_[i]),
             score=scores_[i], threshold=threshold, layer_deviations=deviations_[i], active_fraction=active_[i],
-            layer_paths=[layer[i] for layer in paths_] if paths_ is not None else None,
+            layer_paths=[layer[i] for layer in paths_] if paths_ is not None else None, evidence=evidence[i],
         ) for i, c in enumerate(predicted_)]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
-from .base import DETECTORS, Detector, register
+from .base import Detector, register
 from .paths import PathBatch
 from .profile import PathProfile, confidence_features
 
@@ -74,6 +74,31 @@ class PathScore(Detector):
         predicted class path; 0 = the layer follows its class exactly."""
         self._require_fitted()
         return (1 - self.profile_.layer_jaccard(batch.paths, batch.predictions)).double().numpy()
+
+    def layer_classes(self, batch: PathBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(classes, similarities), each (N, L): per gated layer, the class
+        whose effective path is most like the image's path in that layer
+        (Jaccard), and that similarity.  Detector v2's channel scores answer
+        this with a classifier per layer instead (provenance.py)."""
+        self._require_fitted()
+        profile = self.profile_
+        n = len(batch)
+        sims = torch.stack([profile.layer_jaccard(batch.paths, torch.full((n,), c, dtype=torch.long))
+                            for c in range(profile.num_classes)], dim=2)  # (N, L, C)
+        best = sims.max(dim=2)
+        return best.indices.numpy(), best.values.double().numpy()
+
+    def evidence(self, batch: PathBatch) -> list[dict]:
+        """Per image, what the service and ``pathguard explain`` report:
+        ``most_deviating`` (the gated layer whose path is least like its
+        class's: ``gated layer I``), ``layer_classes`` (class indices, see
+        ``layer_classes``) and ``p_values`` (None: these scores have no
+        channels)."""
+        deviations = self.layer_deviations(batch)
+        classes, _ = self.layer_classes(batch)
+        worst = deviations.argmax(1)
+        return [{"most_deviating": f"gated layer {int(worst[i])}", "layer_classes": classes[i].tolist(),
+                 "p_values": None} for i in range(len(batch))]
 
     def _state(self) -> dict[str, torch.Tensor]:
         return self.profile_.to_tensors()
@@ -179,6 +204,3 @@ class LogitGaussMaxScore(LogitGaussConfScore):
     def _score(self, batch: PathBatch) -> torch.Tensor:
         return self._standardised(batch).max(1).values
 
-
-# Every registered path score, in registration order (the ablation's candidates).
-PATH_SCORES = tuple(name for name, cls in DETECTORS.items() if issubclass(cls, PathScore))

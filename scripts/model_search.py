@@ -155,7 +155,7 @@ def parity_record(bundle_dir: Path, device: str, n: int = 512) -> dict:
     bundle = load_bundle(bundle_dir).to(resolve_device(device))
     detector = load_detector(bundle)
     test = load_split(bundle.data_spec, "test").head(n)
-    batch = observe(bundle.decoupled, test.images)
+    batch = observe(bundle.decoupled, test.images, blocks="blocks" in detector.requires)
     return {"device": str(resolve_device(device)), "torch": torch.__version__, "images": n,
             "digest": bundle.digest, "scores": detector.score_samples(batch).tolist(),
             "flags": detector.predict(batch).tolist(), "predictions": batch.predictions.tolist(),

@@ -50,6 +50,7 @@ def image_result(upload: Upload, resized: bool, inspection: Inspection, include_
         "score": float(ins.score), "threshold": float(ins.threshold),
         "layer_deviations": [float(d) for d in ins.layer_deviations],
         "active_fraction": float(ins.active_fraction), "resized": bool(resized),
+        "evidence": ins.evidence,
     }
     if include_path:
         item["layer_paths"] = ins.layer_paths

@@ -6,29 +6,31 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The example image of /docs: Fashion-MNIST test image 7 (a real Shirt), as a
+# The example image of /docs: Fashion-MNIST test image 92 (a real Shirt), as a
 # 28x28 8-bit grey PNG.  The shipped bundle (bundles/fmnist-default) calls it
 # a Shirt and does not flag it; tests/test_service_docs.py checks both, and
 # that the example answer below is the one the service gives.
 EXAMPLE_FILENAME = "shirt.png"
 EXAMPLE_PNG_BASE64 = (
-    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAACi0lEQVR42k3SS0wTQRgH8G+33aXddku79EFrt28KWMpDYhB8"
-    "EECjwUQTNcZo4iuevHgyMSYePBkvejQxxkRNiDcPRkVJIJJqiYEiVAotVgiWUFra3YW6FJZ2PdBtmcscfvn/Z+bLIFBaKFKA"
-    "q51yZu4lICIAIgIAApXVPPVdFI4oCrsCAGiZGrqFjnWEv3XsAV4ykJX29tsn/xGCcYd5XzT2ijy/Fx8nVZFp3YXpRLY5vkF7"
-    "fOls5TT/LHhdoL0BLt8VIJp0Pc8AAEC+W3rq5tm1ufozGofRm/K6M7Mf9mDvwk8u98ueHHZj/jXTqhys+rXybTU0vyKwnDCf"
-    "jm+RTPy50VNTeQqr63d77E6Ho9Hhiq1ourvUVZXaiVddLsqsU2tJmd5aR+jH2Ww56b+Eo3Iux+E4Bhlup7g9uNhTTqpqr/c/"
-    "jK1i+4KFdHY+pXvX2DLxRsLI/S/p81yiePmP23yUoUnx40iknKzzFowymbJA+xqqEMxGRVbrmqfLmMcu3pthUX6gLe/8FKSe"
-    "thGCli1he7amfqc3qu6e9GprRju3l9qW9QYJg2NNAaYJRxEZb0Dl2HZOEyZTUm3r79ZlszVJ2qxOq9Jky8SwhF3HlfA0cufz"
-    "RDFE/5hBOfkUxRieNFgeLZbwblAd12J5NrmMWjTiXwX+IoAGpFpXXhbtO3fAck1HNyosrdSQwYRr09KEDIbx0HygZfOtLyQb"
-    "GKcGfWqVUpotafXwh6vltbMiH15nU5h5w2ZXSLXhsXqBFKoPZU6oFjqGaEdsdP96XEou9dmKLRbCiaKYUkkSNLJl2mAkDB8/"
-    "CK9zBXWGEgmiiDNzRj8lSl+zWMgMp0Ls5jdjdDL5NTEC+WQ0AQD/AWMh9rfzWupfAAAAAElFTkSuQmCC"
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAB2UlEQVR42lXSsU4UURQG4P8/984wI7gLi7uLiVESNG6isZHC0kJb"
+    "rHwBba2sLX0DK1/AJ/AJTDRqY+FaGEWEBSIbggJmHWbmnmODd8dTni//Oc1PnA4N9x8f5wf34FXx33gAGG9/+fprDQDkNPAvJg8f"
+    "LFqZKavnzwyiU0T76e1OUaas0iJLD98+mrgwxQ+949KRrLK6Ni5+uovp9SdLY0tF1ViYd7J3fa2Bq1VqIUDIBEp6vdPAGypKJxKc"
+    "Jw0SBg38yQQwtTLs1TSf1hcbeK1KHSmapXOEJWl1voGucrkHJYQMMK86N8UlR2UNSqiEKkIbLUccWOAshTojQdB+88e5lYh9uHo0"
+    "EwCIaUh2vUc/4nIlJ8MWwCo4kWz3RGw+YqfWVqIwiGhQnBU0MC/an1/OlzQRSMg3t9PQnv4s8qPEmVGVonJmmCGJOD+Z3cgNBAFK"
+    "MdjoNJJibqcHAoSalK13CBci1sDHfiBgoLHsvkf6KmIBvm7VYkYAvri0YHIz4r7HUQaAAoMVi9l+aEX85n6IHTgIAYothO/ZVsSt"
+    "UGoWQAcQqGUy9lXEy93+YNgJVgFWl+fWf68EidW8ssoX2BH11ttV614dJflRo7cAcGu2ODxptTfX4+YvF6rOeukordwAAAAASUVO"
+    "RK5CYII="
 )
 EXAMPLE_DETECT_REQUEST = {"images": [{"data": EXAMPLE_PNG_BASE64, "filename": EXAMPLE_FILENAME}],
                           "resize": False, "resize_mode": "pad", "include_path": False}
 # The shipped bundle's answer for it (rounded), for the response examples.
 EXAMPLE_RESULT = {"index": 0, "filename": EXAMPLE_FILENAME, "predicted_class": 6, "label": "Shirt",
-                  "confidence": 0.99039, "adversarial": False, "score": 0.73598, "threshold": 2.68404,
-                  "layer_deviations": [0.04918, 0.0, 0.0, 0.0], "active_fraction": 0.9375, "resized": False}
+                  "confidence": 0.99498, "adversarial": False, "score": 0.35601, "threshold": 3.44169,
+                  "layer_deviations": [0.04688, 0.0, 0.0, 0.0], "active_fraction": 0.95312, "resized": False,
+                  "evidence": {"most_deviating": "confidence",
+                               "layer_classes": ["Pullover", "Pullover", "Pullover", "Pullover"],
+                               "p_values": {"value:block0": 0.72948, "confidence": 0.70046},
+                               "early_class": "Pullover"}}
 
 ResizeMode = Literal["pad", "crop", "stretch"]  # images.RESIZE_MODES
 RESIZE_DESCRIPTION = (
@@ -86,6 +88,17 @@ class DetectRequest(BaseModel):
                                "per gated layer)")
 
 
+class Evidence(BaseModel):
+    most_deviating: str = Field(..., description="the detector's most deviating check: a channel such as "
+                                "`value:block0` (the first block's activations against the predicted class) or "
+                                "`confidence`, or for the first path scores `gated layer I`")
+    p_values: dict[str, float] | None = Field(
+        None, description="per channel, the share of clean held-out images that deviate at least as much "
+                          "(small = unusual); null for detectors without channels")
+    layer_classes: list[str] = Field(..., description="per gated layer, the class its path points to")
+    early_class: str | None = Field(..., description="the class the first gated layer's path points to")
+
+
 class ImageResult(BaseModel):
     index: int = Field(..., description="position of the image in the request", examples=[0])
     filename: str | None = Field(None, examples=[EXAMPLE_FILENAME])
@@ -107,6 +120,8 @@ class ImageResult(BaseModel):
                                    examples=[EXAMPLE_RESULT["active_fraction"]])
     resized: bool = Field(..., description="the image was resized to the model's input (see resize_mode)",
                           examples=[EXAMPLE_RESULT["resized"]])
+    evidence: Evidence = Field(..., description="which check deviates most and which class each gated "
+                               "layer's path points to", examples=[EXAMPLE_RESULT["evidence"]])
     layer_paths: list[list[int]] | None = Field(
         None, description="only with include_path: the gate bits (0/1) of each gated layer")
 

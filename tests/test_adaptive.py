@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity, surrogate_score
+from pathguard.attacks.adaptive import AdaptivePGD, LayerTargets, surrogate_fidelity, surrogate_score
 from pathguard.detector.data import load_dataset
 from pathguard.detector.models import Architecture, ConvNet
-from pathguard.detector.paths import extract_paths
+from pathguard.detector.paths import extract_paths, observe
 from pathguard.detector.detectors import make_detector
 
 
@@ -76,3 +76,45 @@ def test_invalid_settings_are_rejected(setup):
         AdaptivePGD(model, detector, eps=-1)
     with pytest.raises(ValueError, match="calibrated"):
         AdaptivePGD(model, make_detector("layer-gauss-conf"))
+
+
+def test_adaptive_attack_on_a_channel_score_lowers_it(setup):
+    """Against detector v2 (the first block's value check and the
+    confidence, read from every block): the detector term lowers the score."""
+    model, _, probe = setup
+    data = load_dataset("fashion-mnist", "train").head(1300)
+    fusion = make_detector("fusion", max_fit=1000).fit(observe(model, data.images[:1000], labels=data.labels[:1000],
+                                                                blocks=True))
+    fusion.calibrate(observe(model, data.images[1000:1300], blocks=True))
+    scores = {}
+    for lam in (0.0, 5.0):
+        torch.manual_seed(0)
+        adv = AdaptivePGD(model, fusion, eps=0.1, alpha=0.01, steps=20, lam=lam)(probe.images, probe.labels)
+        scores[lam] = fusion.score_samples(observe(model, adv, blocks=True))
+    # the hinge pulls only scores near or over the threshold: fewer are flagged, and those that were come down
+    assert fusion.flag(scores[5.0]).mean() < fusion.flag(scores[0.0]).mean()
+    assert scores[5.0].mean() < scores[0.0].mean()
+
+
+def test_layer_mimicking_pulls_every_layer_toward_the_target_class(setup):
+    model, detector, probe = setup
+    data = load_dataset("fashion-mnist", "train").head(1000)
+    targets = LayerTargets.fit(observe(model, data.images, labels=data.labels, blocks=True))
+    assert targets.names == ["block0", "block1", "block2", "gates0", "gates1"]
+    # the class means are the means of each class's rows
+    clean = observe(model, data.images, labels=data.labels, blocks=True)
+    ones = data.labels == 1
+    assert torch.allclose(targets.means[1][1], clean.blocks[1][ones].double().mean(0))
+    with torch.no_grad():
+        logits = model(probe.images)
+    wrong = logits.scatter(1, probe.labels[:, None], float("-inf")).argmax(1)
+    distances = {}
+    for mimic in (0.0, 3.0):
+        torch.manual_seed(0)
+        attack = AdaptivePGD(model, detector, eps=0.1, alpha=0.01, steps=20, lam=1.0, mimic=mimic, targets=targets)
+        adv = attack(probe.images, probe.labels)
+        assert (adv - probe.images).abs().max() <= 0.1 + 1e-6
+        distances[mimic] = targets.distance(observe(model, adv, blocks=True), wrong)
+    assert distances[3.0].median() < distances[0.0].median()
+    with pytest.raises(ValueError, match="targets"):
+        AdaptivePGD(model, detector, mimic=1.0)

@@ -18,7 +18,7 @@ from pathguard.detector.metrics import detection_metrics, tpr_at_fpr
 from pathguard.detector.models import Architecture, ConvNet
 from pathguard.detector.paths import PathBatch, extract_paths
 from pathguard.detector.profile import PathProfile, ProfileMismatch
-from pathguard.detector.scores import PATH_SCORES
+from pathguard.detector.detectors import DETECTORS, PATH_SCORES
 
 WIDTHS = [6, 10]
 D = sum(WIDTHS)
@@ -57,7 +57,16 @@ def test_metrics_agree_with_sklearn():
         detection_metrics([np.nan], [1.0])
 
 
-@pytest.mark.parametrize("score", PATH_SCORES)
+# The scores that read the path alone (the channel scores that read every
+# block's features are checked on moved blocks in tests/test_provenance.py).
+PATH_ONLY = [name for name in PATH_SCORES if "blocks" not in DETECTORS[name].requires]
+
+
+def test_path_only_scores_include_the_first_ones_and_class_evidence():
+    assert {"bernoulli", "logit-gauss-max", "class-evidence"} <= set(PATH_ONLY)
+
+
+@pytest.mark.parametrize("score", PATH_ONLY)
 def test_moved_path_scores_higher(score):
     clean = synthetic_paths(600)
     det = make_detector(score).fit(clean).calibrate(synthetic_paths(300, seed=1))

@@ -47,12 +47,19 @@ def observations(n: int, seed: int, outlier: bool = False) -> PathBatch:
         acts = [torch.randn(n, b.shape[1], generator=gen) * a.std() for a, b in zip(acts, basis)]
     gate_logits = (paths * 2 - 1) * 3 + 0.3 * torch.randn(n, sum(WIDTHS), generator=gen)
     logits = logits + 0.1 * torch.randn(n, CLASSES, generator=gen)
+    # every block's pooled features (detector v2 and mahalanobis-multi read them): the class-carrying
+    # features beside part of each activation
+    blocks = [torch.cat([features, a[:, :4]], 1) for a in acts]
     return PathBatch(logits, paths, gate_logits, features, list(WIDTHS), labels=labels,
-                     activations=acts + [features, logits])
+                     blocks=blocks, activations=acts + [features, logits])
+
+
+# Detectors whose defaults do not make a detector: what they are given here.
+PARAMS = {"channels": {"channels": ("value:block1", "evidence:gates1", "confidence")}}
 
 
 def fitted(name: str) -> Detector:
-    detector = make_detector(name)
+    detector = make_detector(name, **PARAMS.get(name, {}))
     clean = observations(400, seed=0)
     if detector.supervised:
         detector.fit(clean, observations(200, seed=1, outlier=True))
@@ -91,7 +98,7 @@ def test_detector_contract(name, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_unfitted_and_uncalibrated_detectors_refuse_to_score(name):
-    detector = make_detector(name)
+    detector = make_detector(name, **PARAMS.get(name, {}))
     with pytest.raises(NotFittedError):
         detector.score_samples(observations(5, seed=0))
     detector = fitted(name)

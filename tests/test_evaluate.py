@@ -8,7 +8,7 @@ import math
 import pytest
 
 from pathguard.detector.bundle import load_bundle, load_detector
-from pathguard.detector.scores import PATH_SCORES
+from pathguard.detector.detectors import PATH_SCORES
 from pathguard.cli import main
 
 
@@ -81,11 +81,15 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
 def test_evaluate_adaptive_quick_reports_each_setting(fitted_bundle, tmp_path):
     out = tmp_path / "adaptive"
     assert main(["adaptive", "--quick", "--n", "20", "--bundle", str(fitted_bundle),
-                 "--output", str(out), "--lambdas", "0", "3", "--eps", "0.1"]) == 0
+                 "--output", str(out), "--lambdas", "0", "3", "--eps", "0.1", "--n-targets", "500"]) == 0
     report = json.loads((out / "adaptive.json").read_text())
-    assert [(r["eps"], r["lambda"]) for r in report["settings"]] == [(0.1, 0.0), (0.1, 3.0)]
+    # the detector-aware sweep, then layer mimicking at the largest lambda (mu = 1, the default)
+    assert [(r["variant"], r["eps"], r["lambda"], r["mimic"]) for r in report["settings"]] == [
+        ("detector-aware PGD", 0.1, 0.0, 0.0), ("detector-aware PGD", 0.1, 3.0, 0.0),
+        ("layer mimicking", 0.1, 3.0, 1.0)]
     for row in report["settings"]:
         assert 0.0 <= row["fooling_rate"] <= 1.0
         assert 0.0 <= row["undetected_success_rate"] <= row["fooling_rate"]
-    assert set(report["surrogate_fidelity"]) == {"clean", "adversarial (plain PGD)"}
-    assert "| eps | lambda |" in (out / "adaptive.md").read_text()
+    assert set(report["surrogate_fidelity"]) == {"clean", "adversarial (plain PGD)", "adversarial (layer mimicking)"}
+    table = (out / "adaptive.md").read_text()
+    assert "| attack | eps | lambda |" in table and "| layer mimicking (mu 1.0) | 0.1 | 3.0 |" in table

@@ -327,3 +327,23 @@ def test_image_of_a_class_without_chosen_images(tiny_bundle, fmnist_test, tmp_pa
     assert all(layer["deviation"] is None and layer["class_on_frequency"] is None for layer in rec["layers"])
     assert rec["label"] is None and result["summary"]["accuracy"] is None
     assert Path(result["files"]["image_path_png"]).stat().st_size > 10_000
+
+
+def test_image_record_carries_the_detectors_evidence(fmnist_test, tmp_path):
+    """On the shipped bundle: the image figure's JSON says what /detect
+    says of the image (score, flag, most deviating check, the class each
+    gated layer's path points to)."""
+    from pathguard.detector.inspection import Inspector
+
+    bundle = load_bundle()
+    data = fmnist_test.head(200)
+    result = explain(bundle, data.images, data.labels, data.images[IMAGE_INDEX], tmp_path,
+                     image_index=IMAGE_INDEX, top_k=3, source={"dataset": "fashion-mnist"})
+    verdict = _load(result, "image_path_json")["detector"]
+    answer = Inspector.load().inspect(data.images[IMAGE_INDEX:IMAGE_INDEX + 1])[0]
+    assert verdict["score"] == pytest.approx(answer.score, abs=1e-9)
+    assert verdict["adversarial"] == answer.adversarial and verdict["threshold"] == answer.threshold
+    assert verdict["most_deviating"] == answer.evidence["most_deviating"]
+    assert verdict["layer_classes"] == answer.evidence["layer_classes"]
+    assert len(verdict["layer_classes"]) == len(bundle.decoupled.gated_widths)
+    assert verdict["early_class"] == verdict["layer_classes"][0] and verdict["early_class"] in FASHION_MNIST_CLASSES

@@ -78,6 +78,14 @@ def assert_matches(result: dict, expected, index: int | None = None) -> None:
     assert result["threshold"] == pytest.approx(expected.threshold, rel=1e-12)
     assert result["active_fraction"] == pytest.approx(expected.active_fraction, **TOL)
     assert result["layer_deviations"] == pytest.approx(expected.layer_deviations, **TOL)
+    evidence = result["evidence"]
+    assert evidence["most_deviating"] == expected.evidence["most_deviating"]
+    assert evidence["layer_classes"] == expected.evidence["layer_classes"]
+    assert evidence["early_class"] == expected.evidence["layer_classes"][0]
+    if expected.evidence["p_values"] is None:
+        assert evidence["p_values"] is None
+    else:
+        assert evidence["p_values"] == pytest.approx(expected.evidence["p_values"], **TOL)
 
 
 def metric_samples(text: str) -> dict:
@@ -105,7 +113,7 @@ def test_real_image_matches_offline_inspection(client, bundle):
     assert "layer_paths" not in result
     assert_matches(result, expected[0], index=0)
     assert set(result) == {"index", "filename", "predicted_class", "label", "confidence", "adversarial", "score",
-                           "threshold", "layer_deviations", "active_fraction", "resized"}
+                           "threshold", "layer_deviations", "active_fraction", "resized", "evidence"}
 
 
 def test_multipart_and_json_give_identical_results(client):

@@ -3,7 +3,11 @@
 
 For each (eps, lambda): fooling rate, detector AUROC, and the rate of
 undetected successes (fooled and scored under the stored threshold) over
-all evaluation images; plus how faithful the soft surrogate is.
+all evaluation images; plus how faithful the soft surrogate is.  Then, for
+each eps, the layer-mimicking variant (attacks/adaptive.py) at the largest
+lambda with every ``--mimic`` weight: the attacker also pulls every block
+and every gated layer's gate logits toward the clean mean of its target
+class (class means from ``--n-targets`` clean training images).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pathguard.attacks.adaptive import AdaptivePGD, surrogate_fidelity
+from pathguard.attacks.adaptive import AdaptivePGD, LayerTargets, surrogate_fidelity
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
 from pathguard.detector.bundle import load_bundle, load_detector
 from pathguard.detector.measure import versions
@@ -22,7 +26,7 @@ from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import observe
 
 from .config import BundleOptions, as_json, check, option
-from .data import data_spec, load_for
+from .data import data_spec, load_for, train_validation
 from .evaluate import correct_sample
 
 
@@ -34,23 +38,29 @@ class Config(BundleOptions):
     eps: tuple = option((0.03, 0.1), "L-inf budgets", minimum=0)
     steps: int = option(40, "PGD steps (step size eps / 10)", minimum=1)
     temperature: float = option(0.1, "temperature of the soft-gate surrogate", minimum=0)
+    mimic: tuple = option((1.0,), "weights of the layer-mimicking term (run at the largest lambda; "
+                          "empty: no layer mimicking)", minimum=0)
+    n_targets: int = option(10000, "clean training images whose class means the layer mimicking aims at",
+                            minimum=1)
     seed: int = option(0, "seed of the random starts")
     quick: bool = option(False, "at most 5 steps (a smoke run)")
 
 
-def _setting(model, detector, evalset, clean_scores, eps: float, lam: float, steps: int, cfg: Config):
+def _setting(model, detector, evalset, clean_scores, eps: float, lam: float, steps: int, cfg: Config,
+             mimic: float = 0.0, targets: LayerTargets | None = None):
     t0 = time.time()
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         attack = AdaptivePGD(model, detector, eps=eps, alpha=eps / 10, steps=steps, lam=lam,
-                             temperature=cfg.temperature)
+                             temperature=cfg.temperature, mimic=mimic, targets=targets)
         adv = torch.cat([attack(evalset.images[i:i + 250], evalset.labels[i:i + 250])
                          for i in range(0, len(evalset), 250)])
-    adv_batch = observe(model, adv)
+    adv_batch = observe(model, adv, blocks="blocks" in detector.requires)
     adv_scores = detector.score_samples(adv_batch)
     fooled = (adv_batch.predictions != evalset.labels).numpy()
     under = ~detector.flag(adv_scores)
     row = {
+        "variant": "layer mimicking" if mimic > 0 else "detector-aware PGD", "mimic": mimic,
         "eps": eps, "lambda": lam, "steps": steps, "images": len(evalset),
         "fooling_rate": float(fooled.mean()),
         "undetected_success_rate": float((fooled & under).mean()),
@@ -71,7 +81,7 @@ def adaptive_sweep(cfg: Config) -> dict:
     detector = load_detector(bundle)
     test = load_for(bundle, data_spec(bundle, cfg.dataset, cfg.data_root), "test")
     evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
-    clean_scores = detector.score_samples(observe(model, evalset.images))
+    clean_scores = detector.score_samples(observe(model, evalset.images, blocks="blocks" in detector.requires))
     steps = min(cfg.steps, 5) if cfg.quick else cfg.steps
     rows = []
     fidelity = {"clean": surrogate_fidelity(detector, model, evalset.images, cfg.temperature, clean_scores)}
@@ -82,6 +92,19 @@ def adaptive_sweep(cfg: Config) -> dict:
                 fidelity["adversarial (plain PGD)"] = surrogate_fidelity(
                     detector, model, adv, cfg.temperature, adv_scores)
             rows.append(row)
+    if cfg.mimic:
+        spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+        train = train_validation(bundle, spec)[0].head(cfg.n_targets)
+        targets = LayerTargets.fit(observe(model, train.images, labels=train.labels, blocks=True))
+        lam = max(cfg.lambdas)
+        for eps in cfg.eps:
+            for mimic in cfg.mimic:
+                row, adv, adv_scores = _setting(model, detector, evalset, clean_scores, eps, lam, steps, cfg,
+                                                mimic=mimic, targets=targets)
+                rows.append(row)
+            if eps == max(cfg.eps):
+                fidelity["adversarial (layer mimicking)"] = surrogate_fidelity(
+                    detector, model, adv, cfg.temperature, adv_scores)
     report = {
         "bundle": {"path": str(bundle.path), "digest": bundle.digest},
         "detector": {"score": detector.name, "threshold": detector.threshold_},
@@ -103,10 +126,14 @@ def adaptive_table(report: dict) -> str:
     lines = [f"Adaptive PGD against score `{report['detector']['score']}` (threshold "
              f"{report['detector']['threshold']:.4g}); {report['settings'][0]['images']} images, "
              f"{report['settings'][0]['steps']} steps, step eps/10.", "",
-             "| eps | lambda | fooling rate | AUROC | flagged among fooled | undetected success rate | mean L2 |",
-             "|---|---|---|---|---|---|---|"]
+             "| attack | eps | lambda | fooling rate | AUROC | flagged among fooled | undetected success rate "
+             "| mean L2 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["settings"]:
-        lines.append(f"| {r['eps']} | {r['lambda']} | {f(r['fooling_rate'])} | {f(r['auroc'])} "
+        variant = r.get("variant", "detector-aware PGD")
+        if r.get("mimic"):
+            variant += f" (mu {r['mimic']})"
+        lines.append(f"| {variant} | {r['eps']} | {r['lambda']} | {f(r['fooling_rate'])} | {f(r['auroc'])} "
                      f"| {f(r['flagged_among_fooled'])} | {f(r['undetected_success_rate'])} | {f(r['mean_l2'])} |")
     lines.append("")
     for name, fid in report["surrogate_fidelity"].items():

@@ -116,10 +116,13 @@ class _Timer:
         return _Ctx()
 
 
-def _needs(names, what: str) -> bool:
-    """Whether any of the named detectors reads ``what`` ("blocks" or
-    "activations") of a batch; the bundle's own detector reads neither."""
-    return any(what in DETECTORS[n].requires for n in names if n != BUNDLE_DETECTOR)
+def _needs(names, what: str, bundle_detector: Detector | None = None) -> bool:
+    """Whether any of the named detectors, or the bundle's own detector,
+    reads ``what`` ("blocks" or "activations") of a batch."""
+    needs = [DETECTORS[n].requires for n in names if n != BUNDLE_DETECTOR]
+    if bundle_detector is not None:
+        needs.append(bundle_detector.requires)
+    return any(what in r for r in needs)
 
 
 @dataclass
@@ -223,7 +226,8 @@ def _score_attack(run: _Run, name: str, clean_batch: PathBatch, clean_scores: di
         return record, {}
     with run.timer.section(f"score {name}"):
         adv_batch = run.observe(aset.adversarial[ok])
-        noisy_batch = observe(run.model, noise_like(run.evalset.images[ok], aset.adversarial[ok], cfg.seed))
+        noisy_batch = observe(run.model, noise_like(run.evalset.images[ok], aset.adversarial[ok], cfg.seed),
+                              blocks=run.needs_blocks)
         neg = {d: scores[ok.numpy()] for d, scores in clean_scores.items()}
         pos = {d: det.score_samples(adv_batch) for d, det in run.detectors.items()}
         record["detectors"] = {d: detection_metrics(neg[d], pos[d]) for d in run.detectors}
@@ -278,7 +282,8 @@ def evaluate(cfg: Config) -> dict:
         detectors = _fit_unsupervised(cfg, path, train, model)
         names = cfg.supervised + cfg.unsupervised
         evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
-        run = _Run(cfg, model, detectors, evalset, _needs(names, "activations"), timer, _needs(names, "blocks"))
+        run = _Run(cfg, model, detectors, evalset, _needs(names, "activations"), timer,
+                   _needs(names, "blocks", path))
     with timer.section("supervised training"):
         n_supervised = _fit_supervised(run, val, path)
     clean_batch = run.observe(run.evalset.images)
@@ -299,7 +304,8 @@ def evaluate(cfg: Config) -> dict:
         "clean": {
             "evaluation_images": len(run.evalset),
             "threshold_fpr_on_evaluation_images": float(path.flag(clean_scores[BUNDLE_DETECTOR]).mean()),
-            "threshold_fpr_on_all_test_images": float(path.predict(observe(model, test.images)).mean()),
+            "threshold_fpr_on_all_test_images": float(
+                path.predict(observe(model, test.images, blocks=run.needs_blocks)).mean()),
             "all_test_images": len(test),
         },
         "attacks": results,

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from pathguard.detector.artifacts import atomic_write_bytes, atomic_write_json
-from pathguard.detector.bundle import load_bundle
+from pathguard.detector.bundle import DETECTOR_CONFIG, load_bundle, load_detector
+from pathguard.detector.inspection import Inspector
 from pathguard.detector.data import DatasetError
 from pathguard.detector.interpret import (
     DEFAULT_TOP_K, LayerInfo, class_on_frequency, effective_path_similarity, effective_paths, gated_layers,
@@ -250,14 +251,33 @@ def plot_image_path(record: dict, image: np.ndarray, layers: list[LayerInfo], pa
     ax_note = fig.add_subplot(grid[n_layers, 0])
     ax_note.axis("off")
     overall = record["overall_deviation"]
-    ax_note.text(0.0, 0.5, f"whole path: {record['active_in_image']}/{record['path_bits']} gates on\n"
-                 f"deviation over all layers: {'n/a' if overall is None else f'{overall:.2f}'}\n"
-                 f"class images: {record['class_images']}", fontsize=9, va="center")
+    note = (f"whole path: {record['active_in_image']}/{record['path_bits']} gates on\n"
+            f"deviation over all layers: {'n/a' if overall is None else f'{overall:.2f}'}\n"
+            f"class images: {record['class_images']}")
+    verdict = record.get("detector")
+    if verdict:
+        note += (f"\ndetector {verdict['detector']}: score {verdict['score']:.3g} "
+                 f"({'flagged' if verdict['adversarial'] else 'not flagged'}, threshold {verdict['threshold']:.3g})"
+                 f"\nmost deviating: {verdict['most_deviating']}\nearly path points to: {verdict['early_class']}")
+    ax_note.text(0.0, 0.5, note, fontsize=8, va="center")
     fig.suptitle("Calculation path of one image against its predicted class")
     return _save_png(fig, path, dpi)
 
 
 # --------------------------------------------------------------- pipeline
+
+
+def detector_verdict(bundle, image: torch.Tensor) -> dict | None:
+    """What the bundle's fitted detector says of the image, as /detect says
+    it (detector.inspection): score, threshold, flag and the evidence (the
+    most deviating check, every channel's p-value, the class each gated
+    layer's path points to).  None for a bundle without a detector."""
+    if not bundle.has_file(DETECTOR_CONFIG):
+        return None
+    answer = Inspector(bundle, load_detector(bundle)).inspect(image.unsqueeze(0))[0]
+    return {"score": answer.score, "threshold": answer.threshold, "adversarial": answer.adversarial,
+            "detector": load_detector(bundle).name, **answer.evidence}
+
 
 
 def image_record(model, image: torch.Tensor, on_freq: np.ndarray, counts: np.ndarray, batch_paths: np.ndarray,
@@ -433,6 +453,7 @@ def explain(bundle, images: torch.Tensor, labels: torch.Tensor | None, image: to
     if image is not None:  # (d) one image
         record = image_record(model, image, on_freq, counts, batch.paths.numpy(), pred.numpy(), ctx.classes,
                               ctx.layers, image_index, image_label)
+        record["detector"] = detector_verdict(bundle, image)
         stem = f"image_{image_index}_path" if image_index is not None else "image_path"
         ctx.write_json("image_path_json", f"{stem}.json", record)
         ctx.files["image_path_png"] = str(plot_image_path(record, image.numpy(), ctx.layers,

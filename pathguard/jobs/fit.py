@@ -3,8 +3,10 @@
 1. The bundle's own data and train/validation split are rebuilt (same
    data, seed and fraction as training), so validation images were never
    trained on.
-2. Every candidate path score (detector.scores.PATH_SCORES) is fitted on
-   the clean *training* part only.
+2. Every candidate path score (detector.detectors.PATH_SCORES: the first
+   path scores and detector v2's channel scores) is fitted on the clean
+   *training* part only, with its true labels (channel scores' class
+   evidence learns from them; the path profiles use predicted classes).
 3. The validation part is cut, class-stratified and seeded, into two
    disjoint splits: the *ablation* pool and the *calibration* split.
    Ablation: every score is tried on adversarial examples (FGSM, PGD and CW
@@ -30,10 +32,10 @@ from pathguard.attacks.generate import generate_attack_set
 from pathguard.attacks.presets import PRESETS
 from pathguard.detector.bundle import Bundle, load_bundle, save_detector, update_bundle_card
 from pathguard.detector.data import ImageSet
-from pathguard.detector.detectors import PATH_SCORES, PathScore, make_detector
+from pathguard.detector.detectors import DETECTORS, PATH_SCORES, PathScore, make_detector
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.metrics import detection_metrics
-from pathguard.detector.paths import PathBatch, correct_mask, extract_paths, observe
+from pathguard.detector.paths import PathBatch, correct_mask, observe
 from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
 from .config import BundleOptions, as_json, check, device_option, option
@@ -97,12 +99,12 @@ def ablation(candidates: dict[str, PathScore], clean: PathBatch, adversarial: di
     return results
 
 
-def _attack_batches(model, images: ImageSet, cfg: Config) -> dict:
+def _attack_batches(model, images: ImageSet, cfg: Config, blocks: bool) -> dict:
     out = {}
     for name in cfg.ablation_attacks:
         attack_set = generate_attack_set(model, images.images, images.labels, name, seed=cfg.seed,
                                          progress=cfg.progress)
-        out[name] = (attack_set.success.numpy(), extract_paths(model, attack_set.adversarial))
+        out[name] = (attack_set.success.numpy(), observe(model, attack_set.adversarial, blocks=blocks))
     return out
 
 
@@ -119,13 +121,21 @@ def fit_bundle(cfg: Config) -> dict:
     ablation_set, calibration, notes = validation_splits(model, val, cfg.n_ablation, cfg.seed)
     for note in notes:
         print(f"note: {note}")
-    train_batch = observe(model, train.images)
     names = PATH_SCORES if cfg.score == "auto" else (cfg.score,)
-    candidates = {name: make_detector(name, target_fpr=cfg.target_fpr, smoothing=cfg.smoothing).fit(train_batch)
-                  for name in names}
-    table = ablation(candidates, observe(model, ablation_set.images), _attack_batches(model, ablation_set, cfg))
+    # every block's features only when a candidate reads them (detector v2's channels)
+    blocks = any("blocks" in DETECTORS[name].requires for name in names)
+    train_batch = observe(model, train.images, labels=train.labels, blocks=blocks)
+    candidates = {}
+    for name in names:
+        started_fit = time.time()
+        candidates[name] = make_detector(name, target_fpr=cfg.target_fpr, smoothing=cfg.smoothing).fit(train_batch)
+        if cfg.progress:
+            print(f"fitted {name} in {time.time() - started_fit:.1f} s")
+    del train_batch
+    table = ablation(candidates, observe(model, ablation_set.images, blocks=blocks),
+                     _attack_batches(model, ablation_set, cfg, blocks))
     chosen = max(table, key=lambda s: table[s]["mean_auroc"]) if cfg.score == "auto" else cfg.score
-    detector = candidates[chosen].calibrate(observe(model, calibration.images))
+    detector = candidates[chosen].calibrate(observe(model, calibration.images, blocks=blocks))
     summary = {
         "fitted_on": {"clean_train_images": len(train), "data": spec.to_json()},
         "calibration": {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr,
@@ -149,7 +159,7 @@ def threshold_check(bundle: Bundle, spec, detector: PathScore) -> dict:
     (held out from everything fit chose): all images, and those the model
     classifies correctly."""
     test = load_for(bundle, spec, "test")
-    batch = observe(bundle.decoupled, test.images)
+    batch = observe(bundle.decoupled, test.images, blocks="blocks" in detector.requires)
     flags = detector.predict(batch)
     correct = (batch.predictions == test.labels).numpy()
     return {"test_images": len(test), "fpr_all": float(flags.mean()),
