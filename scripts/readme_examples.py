@@ -45,7 +45,7 @@ BUNDLE = ROOT / "bundles" / "fmnist-default"
 DIGITS = 6  # decimals shown in the README's JSON answers
 
 # Fashion-MNIST test images (index into the test split) and the file each becomes.
-IMAGES = {"shirt.png": 7, "ankle_boot.png": 0}
+IMAGES = {"shirt.png": 92, "ankle_boot.png": 0}
 # A 4:3 "photo" for resize: the ankle boot's rows 3-23 (the boot fills the
 # width, a black margin above and below), 4x larger: 112x84 pixels.
 WIDE = "ankle_boot_wide.png"
@@ -189,8 +189,14 @@ def format_json(answer: dict) -> str:
     answer = _rounded(answer)
     out = ['{"results": [']
     for i, result in enumerate(answer["results"]):
-        lines = _pack([f"{json.dumps(k)}: {json.dumps(v)}" for k, v in result.items()], "   ")
+        flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
+        lines = _pack([f"{json.dumps(k)}: {json.dumps(v)}" for k, v in flat.items()], "   ")
         lines[0] = "  {" + lines[0][3:]
+        for key, nested in ((k, v) for k, v in result.items() if isinstance(v, dict)):  # e.g. evidence
+            lines[-1] += ","
+            inner = _pack([f"{json.dumps(k)}: {json.dumps(v)}" for k, v in nested.items()], "    ")
+            lines += [f"   {json.dumps(key)}: {{"] + inner
+            lines[-1] += "}"
         lines[-1] += "}" + ("," if i < len(answer["results"]) - 1 else "")
         out += lines
     rest = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in answer.items() if k != "results"]
