@@ -112,10 +112,12 @@ class Inspector:
     def _inspect_chunk(self, images: torch.Tensor, rows: int, include_path: bool) -> list[Inspection]:
         """The first ``rows`` answers of one pass over ``images``."""
         batch = observe(self.model, images, batch_size=len(images), blocks="blocks" in self.detector.requires)
-        scores = np.asarray(self.detector.score_samples(batch), dtype=np.float64)
+        # on the whole chunk: one shape for every computation (module docstring)
+        scores, evidence = self.detector.score_and_evidence(batch)
+        scores = np.asarray(scores, dtype=np.float64)
+        evidence = evidence[:rows]
         flags = self.detector.flag(scores)
         deviations = np.asarray(self.detector.layer_deviations(batch))
-        evidence = self.detector.evidence(batch)[:rows]  # on the whole chunk: one shape, as the scores
         probs = torch.softmax(batch.logits, dim=1)
         confidence, predicted = probs.max(dim=1)
         active = batch.paths.float().mean(dim=1)

@@ -337,7 +337,9 @@ class ChannelScore(PathScore):
                             for j in range(raw.shape[1])], 1)
 
     def _score(self, batch: PathBatch) -> torch.Tensor:
-        log_p = self.channel_log_p(batch)
+        return self._combine(self.channel_log_p(batch))
+
+    def _combine(self, log_p: torch.Tensor) -> torch.Tensor:
         if self.combine == "fisher":
             return -2.0 * log_p.sum(1)
         return -log_p.min(1).values
@@ -363,11 +365,19 @@ class ChannelScore(PathScore):
         """Per image: ``most_deviating`` (the channel with the smallest
         p-value), ``p_values`` (every channel's), ``layer_classes`` (the
         class each gated layer's path points to)."""
-        p = self.channel_p_values(batch)
+        return self.score_and_evidence(batch)[1]
+
+    def score_and_evidence(self, batch: PathBatch) -> tuple[np.ndarray, list[dict]]:
+        """Scores and evidence from one computation of the channels' p-values."""
+        self._require_fitted()
+        self._check_requires(batch)
+        log_p = self.channel_log_p(batch)
+        scores = self._combine(log_p).double().numpy()
+        p = log_p.exp().numpy()
         classes, _ = self.layer_classes(batch)
         names = list(self.channels_)
-        return [{"most_deviating": names[int(p[i].argmin())], "layer_classes": classes[i].tolist(),
-                 "p_values": {name: float(v) for name, v in zip(names, p[i])}} for i in range(len(batch))]
+        return scores, [{"most_deviating": names[int(p[i].argmin())], "layer_classes": classes[i].tolist(),
+                         "p_values": {name: float(v) for name, v in zip(names, p[i])}} for i in range(len(batch))]
 
     # ----------------------------------------------------------- storage
 

@@ -100,6 +100,11 @@ class PathScore(Detector):
         return [{"most_deviating": f"gated layer {int(worst[i])}", "layer_classes": classes[i].tolist(),
                  "p_values": None} for i in range(len(batch))]
 
+    def score_and_evidence(self, batch: PathBatch) -> tuple[np.ndarray, list[dict]]:
+        """``score_samples`` and ``evidence`` of one batch together (what the
+        service answers; a subclass may share work between the two)."""
+        return self.score_samples(batch), self.evidence(batch)
+
     def _state(self) -> dict[str, torch.Tensor]:
         return self.profile_.to_tensors()
 

@@ -252,3 +252,10 @@ def test_p_values_stay_finite_and_ordered_far_beyond_the_reference():
     log_p = upper_tail_log_p(far, reference, 1.0, (u, beta))
     assert torch.isfinite(log_p).all() and (log_p[1:] < log_p[:-1]).all()
     np.testing.assert_allclose(log_p.numpy(), -(far.numpy() - u) / beta - np.log(101), rtol=1e-9)
+
+
+def test_score_and_evidence_together_equal_them_apart(fitted):
+    probe = synthetic(40, seed=12, shift_block0=1.0)
+    scores, evidence = fitted.score_and_evidence(probe)
+    np.testing.assert_array_equal(scores, fitted.score_samples(probe))
+    assert evidence == fitted.evidence(probe)
