@@ -271,6 +271,11 @@ def test_parse_override_and_cli_overrides():
         parse_overrides(["kappa=1"], ["fgsm", "pgd"])
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["eps"], ["fgsm"])
+    # the extra presets are selected by name ('all' stays the protocol's), and take overrides
+    assert resolve_attacks(["pgd", "pgd-bpda"]) == ["pgd", "pgd-bpda"]
+    assert parse_overrides(["pgd-bpda.steps=3"], ["pgd-bpda"])["pgd-bpda"] == {"steps": 3}
+    with pytest.raises(ValueError, match="unknown attack"):
+        resolve_attacks(["pgd-bdpa"])
 
 
 def test_select_correct_draws_correctly_classified_images_seeded(model, data):

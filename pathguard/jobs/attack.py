@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from pathguard.attacks.generate import DEFAULT_BATCH_SIZE, generate_attack_set, save_attack_set
-from pathguard.attacks.presets import PRESETS, parse_override
+from pathguard.attacks.presets import ALL_PRESETS, PRESETS, parse_override
 from pathguard.detector.bundle import load_bundle
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.paths import correct_mask
@@ -38,7 +38,8 @@ from .data import data_spec, load_for
 class Config(BundleOptions):
     device: str = device_option()
     split: str = option("test", "split to attack", choices=("train", "test"))
-    attack: tuple = option(("all",), "attacks to run, or 'all'", choices=(*PRESETS, "all"))
+    attack: tuple = option(("all",), "attacks to run, or 'all' (the protocol's; the extra presets, "
+                          "e.g. pgd-bpda, by name)", choices=(*ALL_PRESETS, "all"))
     n: int = option(2000, "attack N correctly classified images (class-stratified, seeded)", minimum=1)
     seed: int = option(0, "seed of the image sample and the attacks' random starts")
     batch_size: int = option(DEFAULT_BATCH_SIZE, "images per attack batch", minimum=1)
@@ -64,8 +65,8 @@ def resolve_attacks(names: list[str]) -> list[str]:
     resolved: list[str] = []
     for name in names:
         for item in (PRESETS if name == "all" else [name]):
-            if item not in PRESETS:
-                raise ValueError(f"unknown attack {item!r}; choose one of {[*PRESETS, 'all']}")
+            if item not in ALL_PRESETS:
+                raise ValueError(f"unknown attack {item!r}; choose one of {[*ALL_PRESETS, 'all']}")
             if item not in resolved:
                 resolved.append(item)
     return resolved
@@ -85,9 +86,9 @@ def parse_overrides(pairs: list[str], attacks: list[str]) -> dict[str, dict[str,
                 raise ValueError(f"--set {pair!r}: attack {name!r} is not among the selected attacks {attacks}")
             overrides[name][param] = parse_override(name, param, text)
         else:
-            targets = [name for name in attacks if key in PRESETS[name].params]
+            targets = [name for name in attacks if key in ALL_PRESETS[name].params]
             if not targets:
-                valid = sorted({p for name in attacks for p in PRESETS[name].params})
+                valid = sorted({p for name in attacks for p in ALL_PRESETS[name].params})
                 raise ValueError(f"--set {pair!r}: no selected attack has parameter {key!r}; valid: {valid}")
             for name in targets:
                 overrides[name][key] = parse_override(name, key, text)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from pathguard.attacks.generate import generate_attack_set, save_attack_set
-from pathguard.attacks.presets import PRESETS
+from pathguard.attacks.presets import ALL_PRESETS, PRESETS
 from pathguard.detector.bundle import load_bundle, load_detector, update_bundle_card
 from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import DETECTORS, Detector, PathScore, SupervisedPathDetector, make_detector
@@ -48,7 +48,9 @@ from .config import BundleOptions, as_json, check, device_option, option
 from .data import data_spec, load_for, train_validation
 from .report import card_summary, markdown_table, write_report
 
-ALL_ATTACKS = tuple(PRESETS)
+ALL_ATTACKS = tuple(PRESETS)  # the protocol's attacks, the default
+# also selectable: the extra presets (e.g. the -bpda ones through the soft-gate surrogate)
+SELECTABLE_ATTACKS = tuple(ALL_PRESETS)
 QUICK_OVERRIDES = {"pgd": {"steps": 5}, "bim": {"steps": 3}, "cw": {"steps": 10}, "deepfool": {"steps": 5},
                    "pgd-low": {"steps": 5}, "bim-low": {"steps": 3}}
 BUNDLE_DETECTOR = "path"  # the bundle's own, already fitted and calibrated
@@ -59,14 +61,14 @@ class Config(BundleOptions):
     device: str = device_option()
     output: str = option("reports/default", "report directory")
     n: int = option(2000, "evaluation images: correctly classified test images, class-stratified", minimum=1)
-    attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=ALL_ATTACKS)
+    attacks: tuple = option(ALL_ATTACKS, "attacks to evaluate", choices=SELECTABLE_ATTACKS)
     unsupervised: tuple = option((BUNDLE_DETECTOR, "max-softmax", "energy", "mahalanobis", "mahalanobis-multi",
                                   "knn"),
                                  "unsupervised detectors ('path' = the bundle's)",
                                  choices=(BUNDLE_DETECTOR, *DETECTORS))
     supervised: tuple = option(("path-supervised", "lid"), "supervised detectors", choices=tuple(DETECTORS))
     supervised_attacks: tuple = option(("fgsm", "pgd"), "attacks the supervised detectors are trained on",
-                                       choices=ALL_ATTACKS)
+                                       choices=SELECTABLE_ATTACKS)
     n_supervised: int = option(1000, "validation images attacked to train the supervised detectors", minimum=1)
     seed: int = option(0, "seed of the attacks and the noise copies")
     quick: bool = option(False, "few attack steps and at most --quick-n images (a smoke run)")
