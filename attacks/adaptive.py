@@ -42,7 +42,7 @@ from scipy.stats import pearsonr, spearmanr
 from pathguard.detector.base import Detector
 from pathguard.detector.models import ConvNet
 from pathguard.detector.paths import PathBatch
-from pathguard.detector.provenance import layer_names, layer_view
+from pathguard.detector.provenance import class_means, layer_names, layer_view
 
 
 def surrogate_batch(model: ConvNet, images: torch.Tensor, temperature: float) -> PathBatch:
@@ -67,12 +67,10 @@ class LayerTargets:
         """From clean rows with blocks; labels where given, else predictions."""
         names = names or [n for n in layer_names(clean) if n.startswith(("block", "gates"))]
         labels = (clean.labels if clean.labels is not None else clean.predictions).long()
-        counts = torch.bincount(labels, minlength=clean.num_classes).clamp_min(1).double()[:, None]
         means, scales = [], []
         for name in names:
             x = layer_view(clean, name)
-            means.append(torch.zeros(clean.num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x)
-                         / counts)
+            means.append(class_means(x, labels, clean.num_classes))
             std = x.std(0)
             # a dimension (nearly) constant on clean images (a filter its gate keeps off) must not
             # dominate: its spread counts as at least a tenth of the layer's mean spread

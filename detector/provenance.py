@@ -168,6 +168,13 @@ def upper_tail_log_p(scores: torch.Tensor, reference: torch.Tensor, bandwidth: f
 # ------------------------------------------------------------------ models
 
 
+def class_means(x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(classes, d) float64 mean of the rows of each class (0 for a class
+    without rows)."""
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).double()[:, None]
+    return torch.zeros(num_classes, x.shape[1], dtype=torch.float64).index_add_(0, labels, x.double()) / counts
+
+
 class ClassGaussian:
     """Class means and one tied (Ledoit-Wolf) precision; distance to the
     mean of a given class per row."""
@@ -178,10 +185,7 @@ class ClassGaussian:
     @classmethod
     def fit(cls, x: torch.Tensor, labels: torch.Tensor, num_classes: int) -> "ClassGaussian":
         x = x.double()
-        means = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
-        counts = torch.bincount(labels, minlength=num_classes).double()
-        means.index_add_(0, labels, x)
-        means = means / counts.clamp_min(1)[:, None]
+        means = class_means(x, labels, num_classes)
         precision = LedoitWolf(assume_centered=True).fit((x - means[labels]).numpy()).precision_
         return cls(means, torch.from_numpy(precision))
 
@@ -365,19 +369,22 @@ class ChannelScore(PathScore):
         """Per image: ``most_deviating`` (the channel with the smallest
         p-value), ``p_values`` (every channel's), ``layer_classes`` (the
         class each gated layer's path points to)."""
-        return self.score_and_evidence(batch)[1]
+        self._require_fitted()
+        return self._evidence(batch, self.channel_log_p(batch))
 
     def score_and_evidence(self, batch: PathBatch) -> tuple[np.ndarray, list[dict]]:
         """Scores and evidence from one computation of the channels' p-values."""
         self._require_fitted()
         self._check_requires(batch)
         log_p = self.channel_log_p(batch)
-        scores = self._combine(log_p).double().numpy()
+        return self._combine(log_p).double().numpy(), self._evidence(batch, log_p)
+
+    def _evidence(self, batch: PathBatch, log_p: torch.Tensor) -> list[dict]:
         p = log_p.exp().numpy()
         classes, _ = self.layer_classes(batch)
         names = list(self.channels_)
-        return scores, [{"most_deviating": names[int(p[i].argmin())], "layer_classes": classes[i].tolist(),
-                         "p_values": {name: float(v) for name, v in zip(names, p[i])}} for i in range(len(batch))]
+        return [{"most_deviating": names[int(p[i].argmin())], "layer_classes": classes[i].tolist(),
+                 "p_values": {name: float(v) for name, v in zip(names, p[i])}} for i in range(len(batch))]
 
     # ----------------------------------------------------------- storage
 

@@ -274,9 +274,10 @@ def detector_verdict(bundle, image: torch.Tensor) -> dict | None:
     layer's path points to).  None for a bundle without a detector."""
     if not bundle.has_file(DETECTOR_CONFIG):
         return None
-    answer = Inspector(bundle, load_detector(bundle)).inspect(image.unsqueeze(0))[0]
+    detector = load_detector(bundle)
+    answer = Inspector(bundle, detector).inspect(image.unsqueeze(0))[0]
     return {"score": answer.score, "threshold": answer.threshold, "adversarial": answer.adversarial,
-            "detector": load_detector(bundle).name, **answer.evidence}
+            "detector": detector.name, **answer.evidence}
 
 
 
