@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
 from pathguard.detector.data import load_dataset  # noqa: E402
 from pathguard.detector.inspection import Inspector  # noqa: E402
-from pathguard.detector.paths import observe  # noqa: E402
 
 
 def main() -> None:
@@ -46,8 +45,7 @@ def main() -> None:
             plain(images)
 
     def run_detect():
-        detector.score_samples(observe(decoupled, images, batch_size=args.batch,
-                                                blocks="blocks" in detector.requires))
+        detector.score_samples(detector.observe(decoupled, images, batch_size=args.batch))
 
     for fn in (run_plain, run_detect):  # warm-up
         fn()

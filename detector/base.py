@@ -32,7 +32,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .paths import PathBatch
+from .paths import PathBatch, observe
 
 DETECTORS: dict[str, type["Detector"]] = {}
 
@@ -115,6 +115,12 @@ class Detector:
             raise ValueError(f"{self.name} needs every block's features: observe(..., blocks=True)")
         if "activations" in self.requires and not batch.activations:
             raise ValueError(f"{self.name} needs the activations: observe(..., activations=True)")
+
+    def observe(self, model, images: torch.Tensor, **kwargs) -> PathBatch:
+        """``paths.observe`` of ``images``, keeping the optional parts this
+        detector reads (``requires``: every block's features, activations)."""
+        return observe(model, images, blocks="blocks" in self.requires,
+                       activations="activations" in self.requires, **kwargs)
 
     @property
     def is_fitted(self) -> bool:

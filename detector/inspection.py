@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
-from .paths import observe, split_layers
+from .paths import split_layers
 from .scores import PathScore
 
 # Images per forward pass.  Small enough that one image alone is answered
@@ -111,7 +111,7 @@ class Inspector:
 
     def _inspect_chunk(self, images: torch.Tensor, rows: int, include_path: bool) -> list[Inspection]:
         """The first ``rows`` answers of one pass over ``images``."""
-        batch = observe(self.model, images, batch_size=len(images), blocks="blocks" in self.detector.requires)
+        batch = self.detector.observe(self.model, images, batch_size=len(images))
         # on the whole chunk: one shape for every computation (module docstring)
         scores, evidence = self.detector.score_and_evidence(batch)
         scores = np.asarray(scores, dtype=np.float64)

@@ -38,7 +38,6 @@ from pathguard.attacks.bpda import SoftGateSurrogate
 from pathguard.attacks.generate import AttackSet, generate_attack_set
 from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle, load_detector
 from pathguard.detector.metrics import detection_metrics
-from pathguard.detector.paths import observe
 
 from pathguard.jobs.attack import select_correct
 from pathguard.jobs.data import load_for, train_validation
@@ -98,7 +97,7 @@ def describe(s: AttackSet, detector, model, clean_scores: np.ndarray) -> dict:
            "median_l2": float(s.l2[s.success].median()) if s.n_success else None,
            "mean_linf": float(s.linf[s.success].mean()) if s.n_success else None, "wall_time_s": s.wall_time}
     if s.n_success >= 2:
-        scores = detector.score_samples(observe(model, s.adversarial[s.success], blocks="blocks" in detector.requires))
+        scores = detector.score_samples(detector.observe(model, s.adversarial[s.success]))
         row["flagged"] = float((scores > detector.threshold_).mean())
         row["auroc"] = detection_metrics(clean_scores[s.success.numpy()], scores)["auroc"]
     return row
@@ -108,7 +107,7 @@ def test_rows(model, detector, images, labels, temperature: float, args, result:
     """Every attack directly and through BPDA; ``result`` (with the rows so
     far) is rewritten to ``--json`` after each row, so a long run that is
     stopped keeps what it measured."""
-    clean_scores = detector.score_samples(observe(model, images, blocks="blocks" in detector.requires))
+    clean_scores = detector.score_samples(detector.observe(model, images))
     rows = result.setdefault("test", [])
     for name in args.attacks:
         runs = [("direct", name, None)] + [

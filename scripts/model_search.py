@@ -43,7 +43,6 @@ import torch
 from pathguard.detector.bundle import load_bundle, load_detector
 from pathguard.detector.data import load_split
 from pathguard.detector.devices import resolve_device
-from pathguard.detector.paths import observe
 from pathguard.jobs import evaluate, fit, train
 
 # The recipe every variant starts from (docs/method.md, "Training recipe").
@@ -155,7 +154,7 @@ def parity_record(bundle_dir: Path, device: str, n: int = 512) -> dict:
     bundle = load_bundle(bundle_dir).to(resolve_device(device))
     detector = load_detector(bundle)
     test = load_split(bundle.data_spec, "test").head(n)
-    batch = observe(bundle.decoupled, test.images, blocks="blocks" in detector.requires)
+    batch = detector.observe(bundle.decoupled, test.images)
     return {"device": str(resolve_device(device)), "torch": torch.__version__, "images": n,
             "digest": bundle.digest, "scores": detector.score_samples(batch).tolist(),
             "flags": detector.predict(batch).tolist(), "predictions": batch.predictions.tolist(),

@@ -55,7 +55,7 @@ def _setting(model, detector, evalset, clean_scores, eps: float, lam: float, ste
                              temperature=cfg.temperature, mimic=mimic, targets=targets)
         adv = torch.cat([attack(evalset.images[i:i + 250], evalset.labels[i:i + 250])
                          for i in range(0, len(evalset), 250)])
-    adv_batch = observe(model, adv, blocks="blocks" in detector.requires)
+    adv_batch = detector.observe(model, adv)
     adv_scores = detector.score_samples(adv_batch)
     fooled = (adv_batch.predictions != evalset.labels).numpy()
     under = ~detector.flag(adv_scores)
@@ -81,7 +81,7 @@ def adaptive_sweep(cfg: Config) -> dict:
     detector = load_detector(bundle)
     test = load_for(bundle, data_spec(bundle, cfg.dataset, cfg.data_root), "test")
     evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
-    clean_scores = detector.score_samples(observe(model, evalset.images, blocks="blocks" in detector.requires))
+    clean_scores = detector.score_samples(detector.observe(model, evalset.images))
     steps = min(cfg.steps, 5) if cfg.quick else cfg.steps
     rows = []
     fidelity = {"clean": surrogate_fidelity(detector, model, evalset.images, cfg.temperature, clean_scores)}

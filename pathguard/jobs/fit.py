@@ -159,7 +159,7 @@ def threshold_check(bundle: Bundle, spec, detector: PathScore) -> dict:
     (held out from everything fit chose): all images, and those the model
     classifies correctly."""
     test = load_for(bundle, spec, "test")
-    batch = observe(bundle.decoupled, test.images, blocks="blocks" in detector.requires)
+    batch = detector.observe(bundle.decoupled, test.images)
     flags = detector.predict(batch)
     correct = (batch.predictions == test.labels).numpy()
     return {"test_images": len(test), "fpr_all": float(flags.mean()),
