@@ -224,6 +224,31 @@ class Server(ServerProcess):
         return self
 
 
+def batch_counters(url: str) -> dict[str, float]:
+    """The server's batch counters from /metrics (sums and counts of the
+    batch-size and inference-time histograms)."""
+    import urllib.request
+
+    names = ("pathguard_batch_size_sum", "pathguard_batch_size_count", "pathguard_inference_seconds_sum")
+    values = dict.fromkeys(names, 0.0)
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in values:
+                values[name] = float(value)
+    return values
+
+
+def batch_summary(before: dict[str, float], after: dict[str, float], seconds: float) -> dict:
+    """Mean images per inference call, mean seconds per call and the share of
+    the wall time the worker spent inferring, between two ``batch_counters``."""
+    calls = after["pathguard_batch_size_count"] - before["pathguard_batch_size_count"]
+    images = after["pathguard_batch_size_sum"] - before["pathguard_batch_size_sum"]
+    busy = after["pathguard_inference_seconds_sum"] - before["pathguard_inference_seconds_sum"]
+    return {"calls": calls, "images_per_call": images / calls if calls else 0.0,
+            "ms_per_call": 1000 * busy / calls if calls else 0.0, "worker_busy": busy / seconds}
+
+
 def parse_settings(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
@@ -351,14 +376,19 @@ def main(argv: list[str] | None = None) -> int:
                 if args.warmup > 0:
                     run_wrk(wrk, server.url, scenario, files, connections, args.warmup)
                 cpu = server.cpu_seconds()
+                counters = batch_counters(server.url)
                 started = time.perf_counter()
                 stats = run_wrk(wrk, server.url, scenario, files, connections, args.duration)
-                cores = (server.cpu_seconds() - cpu) / (time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                cores = (server.cpu_seconds() - cpu) / seconds
                 rows[name] = row_of(scenario, connections, stats, cores)
                 r = rows[name]
+                r["batches"] = batch_summary(counters, batch_counters(server.url), seconds)
                 print(f"  {name:<12} {connections:3d} conns: {r['requests_per_s']:8.1f} req/s, "
                       f"{r['images_per_s']:8.1f} images/s, p50 {r['p50_ms']:6.2f} ms, p99 {r['p99_ms']:6.2f} ms, "
-                      f"{r['errors']} errors", flush=True)
+                      f"{r['errors']} errors; {r['batches']['images_per_call']:.1f} images per inference call, "
+                      f"{r['batches']['ms_per_call']:.1f} ms each, worker busy {r['batches']['worker_busy']:.0%}",
+                      flush=True)
             still_ok = server.proc.poll() is None
             exit_status = server.stop()
     ceiling_after = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)

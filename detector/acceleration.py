@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ConvNet
+from .models import ConvNet, max_pool_2x2
 from .paths import observe, split_layers
 
 KERNEL = 9  # 3 x 3 convolutions throughout (models.ConvBlock)
@@ -337,7 +337,7 @@ class SparseGatedNet(nn.Module):
                 if count:
                     macs += height * width * w.shape[0] * w.shape[1] * KERNEL
             if pool:
-                h = F.max_pool2d(h, 2) if h.shape[1] else h.new_zeros(1, 0, height // 2, width // 2)
+                h = max_pool_2x2(h) if h.shape[1] else h.new_zeros(1, 0, height // 2, width // 2)
             active = out_idx
         features = h.mean(dim=(2, 3))[0]
         head_weight = self.head_weight if active is None else self.head_weight.index_select(1, active)

@@ -18,6 +18,25 @@ from .gates import ArchitectureControl, binary_gate, training_gate
 POOL = "M"
 
 
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``nn.functional.max_pool2d(x, 2)``, bit for bit (a maximum is exact
+    whatever the order), faster on CPU where no gradient is needed.
+
+    On CPU, torch's max_pool2d kernel for contiguous (N, C, H, W) tensors is
+    slow on these small maps: 0.9-1.5 ms for a batch of 8 at 28x28 or 14x14,
+    a quarter of the whole forward pass.  The elementwise maximum of the four
+    strided 2x2 views gives the same values 4-7x faster
+    (``bench/bench_forward.py``).  Under autograd, and off the CPU, it is
+    max_pool2d itself: the two route the gradient of a tie differently.
+    """
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()) or x.ndim != 4:
+        return nn.functional.max_pool2d(x, 2)
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2  # floor odd sizes, as max_pool2d does
+    top = torch.maximum(x[:, :, 0:h:2, 0:w:2], x[:, :, 0:h:2, 1:w:2])
+    bottom = torch.maximum(x[:, :, 1:h:2, 0:w:2], x[:, :, 1:h:2, 1:w:2])
+    return torch.maximum(top, bottom)
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything needed to rebuild a network, stored as JSON in a bundle."""
@@ -215,7 +234,7 @@ class ConvNet(nn.Module):
             result.before_gate, result.gate_logits, result.gate = out, z, v
             out = out * v[:, :, None, None]
         result.activation = out
-        result.output = nn.functional.max_pool2d(out, 2) if self.pool_after[index] else out
+        result.output = max_pool_2x2(out) if self.pool_after[index] else out
         return result
 
     def block_activations(self, x: torch.Tensor, index: int) -> torch.Tensor:

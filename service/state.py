@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -111,6 +112,25 @@ def _pack(images: torch.Tensor) -> np.ndarray:
     return images.contiguous().numpy()
 
 
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_threads(settings: Settings) -> int | None:
+    """Torch threads of the inference worker process: ``torch_threads`` when
+    set; otherwise torch's own default less one core, which the event loop
+    keeps.  On two cores that is one thread: two intra-op threads fought the
+    event loop for the cores (their spin-waits burned a second core even for
+    one client) and answered single-image requests a third slower
+    (``bench/bench_http.py --set torch_threads=2``; service/README.md)."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
+
+
 async def start_batcher(inspector: Inspector, settings: Settings, metrics: ServiceMetrics) -> MicroBatcher:
     """A running batcher around ``inspector.inspect``, in a worker process or
     on a worker thread (``settings.inference_process``), warmed up by one
@@ -118,7 +138,8 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
     if settings.inference_process:
         executor = ProcessPoolExecutor(
             max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-            initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk, settings.torch_threads))
+            initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk,
+                      worker_threads(settings)))
         infer, pack = _worker_infer, _pack
         warm_up = np.zeros((1, *inspector.input_shape), dtype=np.float32)
     else:

@@ -113,6 +113,13 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
             assert row["images_per_s"] == pytest.approx(row["requests_per_s"] * row["images_per_request"])
             assert row["ceiling_ratio"] == pytest.approx(row["images_per_s"] / ceiling)
     assert rows["json-1-c1"]["connections"] == 1 and rows["json-32"]["connections"] == 2
+    # Batch statistics from the server's /metrics: health runs no inference; a lone
+    # client's requests are one image per inference call; 32-image requests at least 32.
+    assert rows["health"]["batches"]["calls"] == 0
+    assert rows["json-1-c1"]["batches"]["images_per_call"] == pytest.approx(1.0)
+    assert rows["npy-32"]["batches"]["images_per_call"] >= 32
+    assert all(0 < rows[n]["batches"]["ms_per_call"] and 0 < rows[n]["batches"]["worker_busy"] <= 1.05
+               for n in rows if n != "health")
     assert {t["target"].split(":")[0] for t in result["targets"]} >= {"json-1", "octet-1", "json-32", "npy-32",
                                                                      "json-1-c1", "octet-1-c1"}
     # The printed table: one line per scenario, with its ratio to /health and to the ceiling.
@@ -122,3 +129,17 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
     assert all(errors == "0" for _, _, _, errors, _, _ in table)
     assert "ceiling" in proc.stdout and "targets:" in proc.stdout
     assert re.search(r"^  (met   |MISSED) json-32: images/s >= 70% of the in-process ceiling", proc.stdout, re.M)
+
+
+def test_bench_forward_compares_the_pools_and_checks_their_bits(tmp_path):
+    out = tmp_path / "forward.json"
+    proc = run_script("bench_forward.py", "--batches", "1", "8", "--repeats", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["rows"]] == [1, 8]
+    for row in result["rows"]:
+        assert row["logits_equal"] and row["scores_equal"]
+        for job in ("forward", "inspect"):
+            r = row[job]
+            assert r["speedup"] == pytest.approx(r["max_pool2d_ms_per_image"] / r["fast_ms_per_image"])
+    assert len(re.findall(r"^\s+\d+\s+(forward|inspect)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+True$", proc.stdout, re.M)) == 4

@@ -608,3 +608,22 @@ def test_micro_batcher_coalesces_splits_orders_and_drains():
         assert result == [float(v) * 10 for v in request]
     # No coalescing: every pass holds images of one request only.
     assert all(len({int(v) // 10 for v in p}) == 1 for p in separate)
+
+
+def test_worker_threads_leave_the_event_loop_a_core(monkeypatch, tmp_path):
+    """The inference process gets torch's default threads less the one core
+    the event loop keeps (at least one); an explicit setting wins."""
+    from pathguard.service import state as service_state
+    from pathguard.service.settings import Settings
+
+    settings = Settings(bundle=tmp_path)
+    monkeypatch.setattr(service_state, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(service_state.torch, "get_num_threads", lambda: 2)
+    assert service_state.worker_threads(settings) == 1
+    monkeypatch.setattr(service_state, "usable_cpus", lambda: 1)
+    assert service_state.worker_threads(settings) == 1
+    monkeypatch.setattr(service_state, "usable_cpus", lambda: 16)
+    assert service_state.worker_threads(settings) == 2  # torch's own default still bounds it
+    monkeypatch.setattr(service_state.torch, "get_num_threads", lambda: 16)
+    assert service_state.worker_threads(settings) == 15
+    assert service_state.worker_threads(Settings(bundle=tmp_path, torch_threads=3)) == 3
