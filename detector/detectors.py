@@ -1,7 +1,7 @@
 """Every detector of the library, registered in ``DETECTORS`` by name.
 
 Importing this module registers the path scores, the supervised path
-detector and the baselines (max-softmax, mahalanobis, lid, energy,
+detectors (path-supervised; channels-supervised, on detector v2's channels) and the baselines (max-softmax, mahalanobis, lid, energy,
 mahalanobis-multi, knn, nic) and detector v2's channel scores
 (provenance.py: class-evidence, provenance, path-knn, fusion,
 fusion-fisher); ``make_detector(name, **params)`` builds one and
@@ -28,6 +28,7 @@ from .provenance import (
     PathKNNScore,
     ProvenanceScore,
 )
+from .channel_supervised import ChannelSupervisedDetector
 from .scores import PathScore
 from .supervised import SupervisedPathDetector
 
@@ -37,7 +38,8 @@ PATH_SCORES = tuple(name for name, cls in DETECTORS.items()
                     if issubclass(cls, PathScore) and name != ChannelScore.name)
 
 __all__ = [
-    "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "ChannelScore", "ClassEvidenceScore", "Detector", "Energy",
+    "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "ChannelScore", "ChannelSupervisedDetector", "ClassEvidenceScore",
+    "Detector", "Energy",
     "FusionFisherScore", "FusionScore", "Mahalanobis", "MaxSoftmax", "MultiLayerMahalanobis", "NotFittedError",
     "PathKNNScore", "PathScore", "ProvenanceScore", "SupervisedPathDetector", "make_detector", "register",
 ]

@@ -71,7 +71,7 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
     for name in with_metrics:
         rec = report["attacks"][name]
         assert set(rec["detectors"]) == {"path", "max-softmax", "energy", "mahalanobis", "mahalanobis-multi", "knn",
-                                         "nic", "path-supervised", "lid"}
+                                         "nic", "path-supervised", "channels-supervised", "lid"}
         for metrics in rec["detectors"].values():
             assert 0.0 <= metrics["auroc"] <= 1.0
         assert (out / f"roc_{name}.png").stat().st_size > 5000

@@ -36,7 +36,16 @@ from pathguard.attacks.generate import generate_attack_set, save_attack_set
 from pathguard.attacks.presets import ALL_PRESETS, PRESETS
 from pathguard.detector.bundle import load_bundle, load_detector, update_bundle_card
 from pathguard.detector.data import ImageSet
-from pathguard.detector.detectors import DETECTORS, Detector, PathScore, SupervisedPathDetector, make_detector
+from pathguard.detector.channel_supervised import wide_channels
+from pathguard.detector.detectors import (
+    DETECTORS,
+    ChannelScore,
+    ChannelSupervisedDetector,
+    Detector,
+    PathScore,
+    SupervisedPathDetector,
+    make_detector,
+)
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
@@ -66,7 +75,8 @@ class Config(BundleOptions):
                                   "knn"),
                                  "unsupervised detectors ('path' = the bundle's)",
                                  choices=(BUNDLE_DETECTOR, *DETECTORS))
-    supervised: tuple = option(("path-supervised", "lid"), "supervised detectors", choices=tuple(DETECTORS))
+    supervised: tuple = option(("path-supervised", "channels-supervised", "lid"), "supervised detectors",
+                               choices=tuple(DETECTORS))
     supervised_attacks: tuple = option(("fgsm", "pgd"), "attacks the supervised detectors are trained on",
                                        choices=SELECTABLE_ATTACKS)
     n_supervised: int = option(1000, "validation images attacked to train the supervised detectors", minimum=1)
@@ -174,7 +184,16 @@ def _fit_unsupervised(cfg: Config, bundle_detector: PathScore, train: ImageSet, 
     return detectors
 
 
-def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore) -> int:
+def _channel_models(run: _Run, train: ImageSet) -> ChannelScore:
+    """Detector v2's channels (every block's value check, every gated layer's
+    class evidence, confidence, path), fitted on a seeded draw of clean
+    training images: the features of ``channels-supervised``."""
+    part = train.sample(min(ChannelScore().max_fit, len(train)), run.cfg.seed, shrink=True)
+    batch = observe(run.model, part.images, labels=part.labels, blocks=True)
+    return make_detector("channels", channels=wide_channels(batch), seed=run.cfg.seed).fit(batch)
+
+
+def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore, train: ImageSet) -> int:
     """Train the supervised detectors on seen attacks of validation images;
     returns how many validation images were attacked."""
     supset = correct_sample(run.model, val, run.cfg.n_supervised, run.cfg.seed, "supervised training images")
@@ -193,6 +212,9 @@ def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore) -> int
         if isinstance(detector, SupervisedPathDetector):
             # its profile: the bundle's, fitted on all clean training images
             detector = SupervisedPathDetector(seed=run.cfg.seed, profile_from=bundle_detector)
+        elif isinstance(detector, ChannelSupervisedDetector):
+            # its channel models: fitted on clean training images, like the unsupervised baselines
+            detector = ChannelSupervisedDetector(seed=run.cfg.seed, channels_from=_channel_models(run, train))
         if name == "lid":  # the paper's negatives: clean and noisy copies
             # small (--quick) runs: a reference minibatch of at most half the clean examples,
             # and fewer neighbours than references
@@ -287,7 +309,7 @@ def evaluate(cfg: Config) -> dict:
         run = _Run(cfg, model, detectors, evalset, _needs(names, "activations"), timer,
                    _needs(names, "blocks", path))
     with timer.section("supervised training"):
-        n_supervised = _fit_supervised(run, val, path)
+        n_supervised = _fit_supervised(run, val, path, train)
     clean_batch = run.observe(run.evalset.images)
     clean_scores = {d: det.score_samples(clean_batch) for d, det in run.detectors.items()}
     results, curves = {}, {}
