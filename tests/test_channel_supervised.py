@@ -89,12 +89,40 @@ def test_uses_a_given_fitted_channel_score_as_it_is():
     detector = ChannelSupervisedDetector(channels_from=channels).fit(clean, odd)
     assert detector.channel_score_ is channels
     batch = observations(50, seed=9)
-    expected = (-channels.channel_log_p(batch)).numpy() @ detector.weights_ + detector.intercept_
-    np.testing.assert_array_equal(detector.score_samples(batch), expected)
+    linear = (-channels.channel_log_p(batch)).numpy() @ detector.weights_ + detector.intercept_
+    scores = detector.score_samples(batch)
+    # without a guard the score is the learnt linear score's p-value: the same order
+    order = np.argsort(linear)
+    assert (np.diff(scores[order]) >= 0).all() and len(np.unique(scores)) > 40
     with pytest.raises(ValueError, match="fitted ChannelScore"):
         ChannelSupervisedDetector(channels_from=make_detector("channels", channels=("confidence",))).fit(clean, odd)
     with pytest.raises(ValueError, match="differ"):
         ChannelSupervisedDetector(channels=("confidence",), channels_from=channels).fit(clean, odd)
+
+
+def test_the_guard_and_the_learnt_part_are_combined_by_min_p(tmp_path):
+    """score = -log min(p_learnt, p_guard); the guard's state travels with
+    the detector's (safetensors + JSON, no pickle)."""
+    import json
+
+    from pathguard.detector.artifacts import atomic_save_tensors, load_tensors
+    from pathguard.detector.base import Detector
+
+    clean, odd = observations(400, seed=0), observations(200, seed=1, outlier=True)
+    guard = make_detector("max-softmax").fit(clean)
+    detector = ChannelSupervisedDetector(guard_from=guard, seed=2).fit(clean, odd).calibrate(observations(300, 2))
+    batch = observations(60, seed=5, outlier=True)
+    parts = detector.part_log_p(batch)
+    assert parts.shape == (60, 2)
+    np.testing.assert_array_equal(detector.score_samples(batch), (-parts.min(dim=1).values).numpy())
+    atomic_save_tensors(tmp_path / "state.safetensors", detector.state_tensors())
+    loaded = Detector.from_saved(json.loads(json.dumps(detector.config())), load_tensors(tmp_path / "state.safetensors"))
+    assert loaded.guard_.name == "max-softmax"
+    np.testing.assert_array_equal(loaded.score_samples(batch), detector.score_samples(batch))
+    with pytest.raises(ValueError, match="unsupervised"):
+        ChannelSupervisedDetector(guard_from=detector).fit(clean, odd)
+    with pytest.raises(ValueError, match="reads"):
+        ChannelSupervisedDetector(guard_from=make_detector("nic").fit(clean)).fit(clean, odd)
 
 
 def test_needs_every_block():

@@ -213,8 +213,10 @@ def _fit_supervised(run: _Run, val: ImageSet, bundle_detector: PathScore, train:
             # its profile: the bundle's, fitted on all clean training images
             detector = SupervisedPathDetector(seed=run.cfg.seed, profile_from=bundle_detector)
         elif isinstance(detector, ChannelSupervisedDetector):
-            # its channel models: fitted on clean training images, like the unsupervised baselines
-            detector = ChannelSupervisedDetector(seed=run.cfg.seed, channels_from=_channel_models(run, train))
+            # its channel models: fitted on clean training images, like the unsupervised baselines;
+            # its guard: the bundle's own detector
+            detector = ChannelSupervisedDetector(seed=run.cfg.seed, channels_from=_channel_models(run, train),
+                                                 guard_from=bundle_detector)
         if name == "lid":  # the paper's negatives: clean and noisy copies
             # small (--quick) runs: a reference minibatch of at most half the clean examples,
             # and fewer neighbours than references
