@@ -298,7 +298,8 @@ def test_evaluate_quick_with_the_default_detectors(walk, capsys):
     code = main(["evaluate", "--bundle", str(walk["bundle"]), "--output", str(report), *EVALUATE])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert set(_json(report / "report.json")["detectors"]["supervised"]) == {"path-supervised", "lid"}
+    supervised = set(_json(report / "report.json")["detectors"]["supervised"])
+    assert supervised == {"path-supervised", "channels-supervised", "lid"}
 
 
 # ---------------------------------------------------------------- service
