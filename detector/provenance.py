@@ -60,6 +60,7 @@ which class each gated layer's path points to.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -163,6 +164,37 @@ def upper_tail_log_p(scores: torch.Tensor, reference: torch.Tensor, bandwidth: f
         terms = torch.cat([log_above, log_extra[:, None]], dim=1)
         out.append(torch.logsumexp(terms, dim=1) - math.log(len(ref) + 1.0))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class CleanReference:
+    """Clean reference scores, one row per column (channel), with each
+    column's kernel bandwidth and exponential tail: what turns raw scores
+    into smoothed conformal log p-values (``upper_tail_log_p``)."""
+
+    scores: torch.Tensor  # (columns, n) float64
+    bandwidths: torch.Tensor  # (columns,)
+    tails: torch.Tensor  # (columns, 2): (u, beta) of each column's exponential tail
+
+    @classmethod
+    def fit(cls, rows: torch.Tensor) -> "CleanReference":
+        """From clean raw scores (n, columns)."""
+        scores = rows.double().T.contiguous()
+        return cls(scores, torch.tensor([silverman_bandwidth(r) for r in scores], dtype=torch.float64),
+                   torch.tensor([exponential_tail(r) for r in scores], dtype=torch.float64))
+
+    def log_p(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N, columns) log p-value of each raw score (N, columns) in its column."""
+        return torch.stack([upper_tail_log_p(raw[:, j], self.scores[j], float(self.bandwidths[j]),
+                                             (float(self.tails[j, 0]), float(self.tails[j, 1])))
+                            for j in range(raw.shape[1])], 1)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"reference": self.scores, "bandwidths": self.bandwidths, "tails": self.tails}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "CleanReference":
+        return cls(tensors["reference"].double(), tensors["bandwidths"].double(), tensors["tails"].double())
 
 
 # ------------------------------------------------------------------ models
@@ -298,10 +330,7 @@ class ChannelScore(PathScore):
         # What the service and explain report: the class each gated layer's path points to.
         self.path_classifiers_ = [_fit_classifier(layer_view(fit_part, f"gates{i}"), labels, self.seed)
                                   for i in range(len(clean.widths))]
-        reference = self.channel_scores(clean.subset(ref_rows))
-        self.reference_ = reference.T.contiguous()  # (channels, n_ref)
-        self.bandwidths_ = torch.tensor([silverman_bandwidth(r) for r in self.reference_], dtype=torch.float64)
-        self.tails_ = torch.tensor([exponential_tail(r) for r in self.reference_], dtype=torch.float64)
+        self.reference_ = CleanReference.fit(self.channel_scores(clean.subset(ref_rows)))
 
     # ------------------------------------------------------------- score
 
@@ -335,10 +364,7 @@ class ChannelScore(PathScore):
     def channel_log_p(self, batch: PathBatch) -> torch.Tensor:
         """(N, channels) log p-value of every channel against the clean
         reference (near 0: typical; very negative: deviating)."""
-        raw = self.channel_scores(batch)
-        return torch.stack([upper_tail_log_p(raw[:, j], self.reference_[j], float(self.bandwidths_[j]),
-                                             (float(self.tails_[j, 0]), float(self.tails_[j, 1])))
-                            for j in range(raw.shape[1])], 1)
+        return self.reference_.log_p(self.channel_scores(batch))
 
     def _score(self, batch: PathBatch) -> torch.Tensor:
         return self._combine(self.channel_log_p(batch))
@@ -389,8 +415,7 @@ class ChannelScore(PathScore):
     # ----------------------------------------------------------- storage
 
     def _state(self) -> dict[str, torch.Tensor]:
-        state = {**super()._state(), "reference": self.reference_, "bandwidths": self.bandwidths_,
-                 "tails": self.tails_}
+        state = {**super()._state(), **self.reference_.to_tensors()}
         for name, g in self.gaussians_.items():
             state[f"value.{name}.means"], state[f"value.{name}.precision"] = g.means, g.precision
         for name, m in self.classifiers_.items():
@@ -405,14 +430,13 @@ class ChannelScore(PathScore):
 
     def _extra(self) -> dict:
         return {"channels": list(self.channels_), "gated_layers": len(self.path_classifiers_),
-                "reference_images": int(self.reference_.shape[1]),
+                "reference_images": int(self.reference_.scores.shape[1]),
                 "knn_layers": list(getattr(self, "knn_layers_", []))}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], extra: dict) -> None:
         super()._load_state(tensors, extra)
         self.channels_ = tuple(extra["channels"])
-        self.reference_, self.bandwidths_ = tensors["reference"].double(), tensors["bandwidths"].double()
-        self.tails_ = tensors["tails"].double()
+        self.reference_ = CleanReference.from_tensors(tensors)
         self.gaussians_, self.classifiers_, self.bank_ = {}, {}, None
         for spec in self.channels_:
             kind, names = parse_channel(spec)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 from test_detector_contract import observations
 
@@ -116,7 +115,8 @@ def test_the_guard_and_the_learnt_part_are_combined_by_min_p(tmp_path):
     assert parts.shape == (60, 2)
     np.testing.assert_array_equal(detector.score_samples(batch), (-parts.min(dim=1).values).numpy())
     atomic_save_tensors(tmp_path / "state.safetensors", detector.state_tensors())
-    loaded = Detector.from_saved(json.loads(json.dumps(detector.config())), load_tensors(tmp_path / "state.safetensors"))
+    config = json.loads(json.dumps(detector.config()))
+    loaded = Detector.from_saved(config, load_tensors(tmp_path / "state.safetensors"))
     assert loaded.guard_.name == "max-softmax"
     np.testing.assert_array_equal(loaded.score_samples(batch), detector.score_samples(batch))
     with pytest.raises(ValueError, match="unsupervised"):
