@@ -215,12 +215,18 @@ class Replicas:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{pod.name} not ready after {timeout_s:.0f} s; its log ends:\n{self.logs(pod)[-3000:]}")
+                raise TimeoutError(f"{pod.name} not ready after {timeout_s:.0f} s; its log ends:\n"
+                                   f"{self.logs(pod)[-3000:]}")
             time.sleep(0.5)
 
     def logs(self, pod: Pod, timestamps: bool = False) -> str:
-        result = podman("logs", *(["-t"] if timestamps else []), pod.container, check=False)
-        return result.stdout + result.stderr
+        """The container's stdout (uvicorn's access lines) and stderr (everything else) merged in
+        time order; podman hands them back as two streams."""
+        result = podman("logs", "-t", pod.container, check=False)
+        lines = sorted(result.stdout.splitlines() + result.stderr.splitlines(), key=_log_time)
+        if not timestamps:
+            lines = [line.split(" ", 1)[1] if " " in line else line for line in lines]
+        return "".join(f"{line}\n" for line in lines)
 
     def stop(self, pod: Pod, grace_s: int = DEFAULT_GRACE_S) -> None:
         """What the kubelet does: SIGTERM to the container, SIGKILL after the grace period, and
@@ -244,6 +250,15 @@ class Replicas:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def _log_time(line: str) -> tuple[str, str]:
+    """Sort key of a ``podman logs -t`` line: its RFC 3339 stamp, the fraction padded (podman
+    drops trailing zeros, so the stamps are not all the same width)."""
+    stamp = line.split(" ", 1)[0]
+    seconds, dot, rest = stamp.partition(".")
+    fraction = "".join(ch for ch in rest if ch.isdigit())
+    return seconds, fraction.ljust(9, "0")
+
+
 def cleanup(name: str) -> None:
     """Remove pods NAME-*, the secret NAME-api-key and volumes NAME-*, whatever made them."""
     out = podman("pod", "ps", "-a", "--filter", f"name=^{name}-", "--format", "{{.Name}}", check=False).stdout
@@ -262,11 +277,15 @@ HAPROXY_CFG = """\
 global
     maxconn 4096
     stats socket {socket} mode 600 level admin
-    log stderr format short local0 notice
+    log stderr format short local0 info
 
 defaults
     mode http
     log global
+    # One line per request that met an error, a timeout, a retry or a redispatch (with its
+    # termination state: who closed what, when); successful requests are not logged.
+    option httplog
+    option dontlog-normal
     timeout connect 1s
     timeout client 30s
     timeout server 30s            # > PATHGUARD_INFERENCE_TIMEOUT_S (10 s)
@@ -278,6 +297,7 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response junk-response 503
+    option http-buffer-request
 
 frontend pathguard
     bind 127.0.0.1:{port}
@@ -324,6 +344,15 @@ class HAProxy:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"haproxy did not bring every server UP: {self.servers()}\n{self.log.read_text()}")
             time.sleep(0.2)
+
+    def log_summary(self) -> str:
+        """HAProxy's log without the requests that were only redispatched (a refused connection
+        resent to the other replica, answered normally: termination state ``----``), which are
+        counted instead; what is left are server events and requests that went wrong."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        redispatched = [line for line in lines if " ---- " in line and '"' in line]
+        rest = [line for line in lines if line not in redispatched]
+        return "\n".join(rest + [f"({len(redispatched)} requests redispatched and answered, not shown)"])
 
     def command(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
