@@ -462,6 +462,9 @@ class SoftmaxRegression:
     def proba(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x @ self.coef.T + self.intercept, dim=1)
 
+    def copy(self) -> SoftmaxRegression:
+        return SoftmaxRegression(self.coef.clone(), self.intercept.clone())
+
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.coef": self.coef, f"{prefix}.intercept": self.intercept}
 

@@ -328,8 +328,13 @@ class ChannelScore(PathScore):
                 self.bank_ = NeighbourBank([l2_normalise(layer_view(fit_part, n)[rows]) for n in names],
                                            labels[rows], self.k)
         # What the service and explain report: the class each gated layer's path points to.
-        self.path_classifiers_ = [_fit_classifier(layer_view(fit_part, f"gates{i}"), labels, self.seed)
-                                  for i in range(len(clean.widths))]
+        # An evidence channel on that layer has fitted the very same model (same rows, labels
+        # and seed; lbfgs is deterministic): copied, not fitted twice (a copy: safetensors
+        # stores no tensor twice).
+        self.path_classifiers_ = [
+            self.classifiers_[f"gates{i}"].copy() if f"gates{i}" in self.classifiers_
+            else _fit_classifier(layer_view(fit_part, f"gates{i}"), labels, self.seed)
+            for i in range(len(clean.widths))]
         self.reference_ = CleanReference.fit(self.channel_scores(clean.subset(ref_rows)))
 
     # ------------------------------------------------------------- score
