@@ -1,0 +1,99 @@
+"""pathguard.jobs.attack_pool: attack sets from worker processes are the
+sets generate_attack_set makes in this process with the same number of
+torch threads, bit for bit.  (Across thread counts FGSM, PGD and CW were
+bit-identical on 512 / 256 images; DeepFool moved 1 image of 256 by 1.5e-8,
+see pathguard/jobs/attack_pool.py.)"""
+
+from __future__ import annotations
+
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import torch
+
+from pathguard.attacks.generate import generate_attack_set
+from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
+from pathguard.detector.data import load_dataset
+from pathguard.jobs.attack_pool import AttackPool, default_workers
+
+# few steps: the point is the arithmetic, not the attack's strength
+STEPS = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "deepfool": {"steps": 5}}
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    test = load_dataset("fashion-mnist", "test").head(48)
+    return bundle, test
+
+
+def _tasks(test) -> dict:
+    halves = {"a": slice(0, 24), "b": slice(24, 48)}
+    return {f"{name}:{half}": (test.images[rows], test.labels[rows], name, 3, STEPS.get(name))
+            for name in ("fgsm", "pgd", "cw", "deepfool") for half, rows in halves.items()}
+
+
+def test_two_workers_give_the_sets_this_process_gives(shipped):
+    bundle, test = shipped
+    tasks = _tasks(test)
+    with AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=2, threads=1) as pool:
+        pool.submit_all(tasks)
+        from_workers = {key: pool.result(key) for key in reversed(list(tasks))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the workers' count
+    try:
+        here_sets = {key: generate_attack_set(bundle.decoupled, images, labels, name, seed=seed,
+                                              overrides=overrides, progress=False)
+                     for key, (images, labels, name, seed, overrides) in tasks.items()}
+    finally:
+        torch.set_num_threads(threads)
+    for key, (images, labels, name, seed, overrides) in tasks.items():
+        here = here_sets[key]
+        there = from_workers[key]
+        assert there.attack == name and there.seed == seed and there.config == here.config
+        assert torch.equal(there.adversarial, here.adversarial), key
+        assert torch.equal(there.success, here.success), key
+        assert torch.equal(there.pred_adversarial, here.pred_adversarial), key
+    # the attacks did something (a test that compares two no-ops proves nothing)
+    assert sum(int(from_workers[f"{n}:a"].success.sum()) for n in ("fgsm", "pgd", "cw", "deepfool")) > 10
+
+
+def test_one_worker_runs_in_this_process_when_collected(shipped):
+    bundle, test = shipped
+    tasks = dict(list(_tasks(test).items())[:2])
+    pool = AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=1)
+    pool.submit_all(tasks)
+    key = next(iter(tasks))
+    images, labels, name, seed, overrides = tasks[key]
+    expected = generate_attack_set(bundle.decoupled, images, labels, name, seed=seed, overrides=overrides,
+                                   progress=False)
+    assert torch.equal(pool.result(key).adversarial, expected.adversarial)
+    with pytest.raises(KeyError, match="no attack task"):
+        pool.result("pgd:c")
+    with pytest.raises(ValueError, match="submitted twice"):
+        pool.submit_all({key: tasks[key]})
+    pool.close()
+
+
+def test_costliest_tasks_go_first_and_bad_settings_are_refused(shipped):
+    bundle, test = shipped
+    pool = AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=1)
+    images, labels = test.images[:4], test.labels[:4]
+    pool.submit_all({"small-cw": (images[:1], labels[:1], "cw", 0, None),
+                     "fgsm": (images, labels, "fgsm", 0, None),
+                     "cw": (images, labels, "cw", 0, None),
+                     "pgd": (images, labels, "pgd", 0, None)})
+    assert pool.order == ["cw", "pgd", "small-cw", "fgsm"]
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=0)
+    assert default_workers(torch.device("cpu"), tasks=1) == 1
+    assert default_workers(torch.device("cuda"), tasks=10) == 1
+    assert 1 <= default_workers(torch.device("cpu"), tasks=10) <= 4
+
+
+def test_a_worker_refuses_a_bundle_that_is_not_the_callers(shipped):
+    bundle, test = shipped
+    with AttackPool(bundle.decoupled, bundle.path, "0" * 64, workers=2) as pool:
+        pool.submit_all({"fgsm": (test.images[:4], test.labels[:4], "fgsm", 0, None)})
+        with pytest.raises(BrokenProcessPool):
+            pool.result("fgsm")
