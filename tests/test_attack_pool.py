@@ -6,6 +6,7 @@ see pathguard/jobs/attack_pool.py.)"""
 
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -97,3 +98,19 @@ def test_a_worker_refuses_a_bundle_that_is_not_the_callers(shipped):
         pool.submit_all({"fgsm": (test.images[:4], test.labels[:4], "fgsm", 0, None)})
         with pytest.raises(BrokenProcessPool):
             pool.result("fgsm")
+
+
+def test_an_error_stops_the_workers_without_waiting_for_their_attacks(shipped):
+    """Ctrl-C or an error in the caller must not leave it waiting for a CW set that takes hours."""
+    bundle, test = shipped
+    endless = (test.images[:8], test.labels[:8], "cw", 0, {"steps": 10_000_000})
+    before = set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        with AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=2, threads=1) as pool:
+            pool.submit_all({"a": endless, "b": endless})
+            workers = set(multiprocessing.active_children()) - before
+            assert len(workers) == 2
+            raise RuntimeError("the caller failed")
+    for process in workers:
+        process.join(timeout=30)
+        assert not process.is_alive()

@@ -122,13 +122,21 @@ class AttackPool:
         return generate_attack_set(self.model, images, labels, name, seed=seed, overrides=overrides,
                                    progress=self.progress)
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+    def close(self, stop: bool = False) -> None:
+        """Shut the workers down once their attacks are done, or, with
+        ``stop``, at once (an attack in progress is not waited for)."""
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        if stop:
+            # concurrent.futures waits for running tasks even on shutdown(cancel_futures=True)
+            # (Python 3.14 adds terminate_workers()); a CW set can take minutes.
+            for process in list((getattr(executor, "_processes", None) or {}).values()):
+                process.kill()
+        executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> AttackPool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(stop=exc_type is not None)

@@ -325,19 +325,20 @@ def evaluate(cfg: Config) -> dict:
         evalset = correct_sample(model, test, cfg.n, cfg.seed, "evaluation images")
         supset = (correct_sample(model, val, cfg.n_supervised, cfg.seed, "supervised training images")
                   if cfg.supervised else None)
-        # every attack set starts now, in worker processes, while the baselines are fitted here
-        tasks = attack_tasks(cfg, evalset, supset)
-        workers = cfg.attack_workers or default_workers(next(model.parameters()).device, len(tasks))
-        pool = AttackPool(model, bundle.path, bundle.digest, workers, progress=cfg.progress)
-        # Costliest first. (Tried: the supervised training sets first, so that the supervised
-        # training and the natural set overlap the workers: 687 s instead of 587 s, as the main
-        # process's threads then compete with the workers' for the two cores.)
+    tasks = attack_tasks(cfg, evalset, supset)
+    workers = cfg.attack_workers or default_workers(next(model.parameters()).device, len(tasks))
+    # an error or Ctrl-C anywhere below stops the workers at once (AttackPool.__exit__)
+    with AttackPool(model, bundle.path, bundle.digest, workers, progress=cfg.progress) as pool:
+        # Every attack set starts now, costliest first, while the baselines are fitted here.
+        # (Tried: the supervised training sets first, so that the supervised training and the
+        # natural set overlap the workers too: 687 s instead of 587 s, as this process's threads
+        # then compete with the workers' for the two cores.)
         pool.submit_all(tasks)
-        detectors = _fit_unsupervised(cfg, path, train, model)
+        with timer.section("data and baselines fit"):
+            detectors = _fit_unsupervised(cfg, path, train, model)
         names = cfg.supervised + cfg.unsupervised
         run = _Run(cfg, model, detectors, evalset, _needs(names, "activations"), timer, pool,
                    _needs(names, "blocks", path))
-    with pool:
         return _evaluate(run, bundle, spec, path, test, train, supset, started)
 
 
