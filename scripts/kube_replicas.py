@@ -254,7 +254,7 @@ def _log_time(line: str) -> tuple[str, str]:
     """Sort key of a ``podman logs -t`` line: its RFC 3339 stamp, the fraction padded (podman
     drops trailing zeros, so the stamps are not all the same width)."""
     stamp = line.split(" ", 1)[0]
-    seconds, dot, rest = stamp.partition(".")
+    seconds, _, rest = stamp.partition(".")
     fraction = "".join(ch for ch in rest if ch.isdigit())
     return seconds, fraction.ljust(9, "0")
 
@@ -346,13 +346,17 @@ class HAProxy:
             time.sleep(0.2)
 
     def log_summary(self) -> str:
-        """HAProxy's log without the requests that were only redispatched (a refused connection
-        resent to the other replica, answered normally: termination state ``----``), which are
-        counted instead; what is left are server events and requests that went wrong."""
-        lines = self.log.read_text(errors="replace").splitlines()
-        redispatched = [line for line in lines if " ---- " in line and '"' in line]
-        rest = [line for line in lines if line not in redispatched]
-        return "\n".join(rest + [f"({len(redispatched)} requests redispatched and answered, not shown)"])
+        """HAProxy's log without the requests that were resent and then answered normally
+        (termination state ``----``: a refused connection redispatched to the other replica, or
+        an L7 retry), which are counted instead; what is left are server events and requests
+        that went wrong."""
+        shown, answered = [], 0
+        for line in self.log.read_text(errors="replace").splitlines():
+            if " ---- " in line and '"' in line:
+                answered += 1
+            else:
+                shown.append(line)
+        return "\n".join(shown + [f"({answered} requests resent and answered, not shown)"])
 
     def command(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
