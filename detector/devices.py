@@ -11,6 +11,8 @@ more source of noise in SGD, and it is several times faster.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,3 +38,12 @@ def resolve_device(name: str = "auto", exact: bool = True) -> torch.device:
                              f"(torch {torch.__version__}); use --device cpu or auto")
         exact_arithmetic(exact)
     return torch.device(name)
+
+
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has
+    one), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,6 +30,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from pathguard.detector.artifacts import ArtifactError
+from pathguard.detector.devices import usable_cpus
 from pathguard.detector.inspection import Inspection, Inspector
 
 from .batching import MicroBatcher
@@ -110,13 +110,6 @@ def _pack(images: torch.Tensor) -> np.ndarray:
     """A batch as sent to the worker process: a NumPy array pickles as plain
     bytes (a tensor would go through torch's shared-memory reducer)."""
     return images.contiguous().numpy()
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def worker_threads(settings: Settings) -> int | None:

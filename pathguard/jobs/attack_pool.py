@@ -29,7 +29,6 @@ exactly as before.
 from __future__ import annotations
 
 import multiprocessing
-import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from pathguard.attacks.generate import AttackSet, generate_attack_set
 from pathguard.detector.bundle import load_bundle
+from pathguard.detector.devices import usable_cpus
 
 # Relative cost of one image of each attack, in forward+backward passes
 # (steps x passes per step); the order in which tasks are handed out.
@@ -47,19 +47,12 @@ DEFAULT_COST = 50
 _model: torch.nn.Module | None = None
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_workers(device: torch.device, tasks: int) -> int:
     """One worker per usable core (at most 4, at most one per task) on a
     CPU; on an accelerator the attacks stay in the calling process."""
     if device.type != "cpu":
         return 1
-    return max(1, min(usable_cores(), 4, tasks))
+    return max(1, min(usable_cpus(), 4, tasks))
 
 
 def _init_worker(bundle_path: str, digest: str, threads: int) -> None:

@@ -50,7 +50,7 @@ from pathguard.detector.devices import resolve_device
 from pathguard.detector.measure import versions
 from pathguard.detector.metrics import detection_metrics, roc_points
 from pathguard.detector.natural import natural_ood
-from pathguard.detector.paths import PathBatch, correct_mask, observe
+from pathguard.detector.paths import PathBatch, correct_mask, device_of, observe
 from pathguard.detector.splits import class_counts
 
 from .attack_pool import AttackPool, default_workers
@@ -120,6 +120,10 @@ class _Timer:
     def __init__(self) -> None:
         self.sections: dict[str, float] = {}
 
+    def record(self, name: str, seconds: float) -> None:
+        """A time measured elsewhere (an attack set's, in the process that made it)."""
+        self.sections[name] = self.sections.get(name, 0.0) + seconds
+
     def section(self, name: str):
         timer = self
 
@@ -128,7 +132,7 @@ class _Timer:
                 self.t = time.time()
 
             def __exit__(self, *exc):
-                timer.sections[name] = timer.sections.get(name, 0.0) + time.time() - self.t
+                timer.record(name, time.time() - self.t)
         return _Ctx()
 
 
@@ -161,7 +165,7 @@ class _Run:
         """The attack set ``key`` ("test:<attack>" or "supervised:<attack>"),
         submitted to the pool at the start of the run."""
         aset = self.attacks.result(key)
-        self.timer.sections[f"attack {key.removeprefix('test:')}"] = aset.wall_time
+        self.timer.record(f"attack {key.removeprefix('test:')}", aset.wall_time)
         return aset
 
 
@@ -326,7 +330,7 @@ def evaluate(cfg: Config) -> dict:
         supset = (correct_sample(model, val, cfg.n_supervised, cfg.seed, "supervised training images")
                   if cfg.supervised else None)
     tasks = attack_tasks(cfg, evalset, supset)
-    workers = cfg.attack_workers or default_workers(next(model.parameters()).device, len(tasks))
+    workers = cfg.attack_workers or default_workers(device_of(model), len(tasks))
     # an error or Ctrl-C anywhere below stops the workers at once (AttackPool.__exit__)
     with AttackPool(model, bundle.path, bundle.digest, workers, progress=cfg.progress) as pool:
         # Every attack set starts now, costliest first, while the baselines are fitted here.
