@@ -57,10 +57,15 @@ def wide_channels(batch: PathBatch) -> tuple[str, ...]:
             *(f"evidence:gates{i}" for i in range(len(batch.widths))), "confidence", "path")
 
 
-def fit_nonnegative_logistic(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+def fit_nonnegative_logistic(x: np.ndarray, y: np.ndarray, C: float,
+                             prior: float = 0.0) -> tuple[np.ndarray, float]:
     """Weights w >= 0 and a free intercept b minimising
-    C * sum(log(1 + exp(-s_i (x_i w + b)))) + ||w||^2 / 2, s_i = +-1: L2-penalised
-    logistic regression as scikit-learn defines it, with bounds on w."""
+    C * sum(log(1 + exp(-s_i (x_i w + b)))) + ||w - prior||^2 / 2, s_i = +-1:
+    L2-penalised logistic regression as scikit-learn defines it (``prior`` 0),
+    with bounds on w; ``prior`` > 0 pulls every weight towards that value
+    instead (1: Fisher's equal weights), and the search starts there."""
+    if prior < 0:
+        raise ValueError(f"prior must be >= 0 (the weights are), got {prior}")
     sign = np.where(y > 0, 1.0, -1.0)
     d = x.shape[1]
 
@@ -69,11 +74,13 @@ def fit_nonnegative_logistic(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np
         margin = sign * (x @ w + b)
         loss = np.logaddexp(0.0, -margin)  # log(1 + exp(-m)), stable for both signs of m
         weight = -sign * expit(-margin)  # d loss_i / d z_i
-        grad = np.concatenate([C * (x.T @ weight) + w, [C * weight.sum()]])
-        return C * loss.sum() + 0.5 * w @ w, grad
+        pull = w - prior
+        grad = np.concatenate([C * (x.T @ weight) + pull, [C * weight.sum()]])
+        return C * loss.sum() + 0.5 * pull @ pull, grad
 
     bounds = [(0.0, None)] * d + [(None, None)]
-    result = minimize(loss_and_grad, np.zeros(d + 1), jac=True, method="L-BFGS-B", bounds=bounds,
+    start = np.concatenate([np.full(d, float(prior)), [0.0]])
+    result = minimize(loss_and_grad, start, jac=True, method="L-BFGS-B", bounds=bounds,
                       options={"maxiter": 5000})
     if result.status == 1:  # out of iterations (status 2, a line search stopped by rounding at the optimum, is fine)
         raise RuntimeError(f"non-negative logistic regression did not converge: {result.message}")

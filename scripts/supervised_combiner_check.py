@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -56,23 +55,6 @@ from pathguard.jobs.evaluate import correct_sample  # noqa: E402
 
 SEEN = ("fgsm", "pgd")
 HELD_OUT = ("fgsm", "pgd", "bim", "cw", "deepfool")
-
-
-def shrunk_nonnegative(x: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
-    """Non-negative logistic regression whose penalty pulls the weights
-    towards 1 (Fisher's equal weights) instead of 0."""
-    sign, d = np.where(y > 0, 1.0, -1.0), x.shape[1]
-
-    def objective(theta):
-        w, b = theta[:d], theta[d]
-        margin = sign * (x @ w + b)
-        g = -sign / (1 + np.exp(margin))
-        return (C * np.logaddexp(0, -margin).sum() + 0.5 * ((w - 1) ** 2).sum(),
-                np.r_[C * x.T @ g + (w - 1), C * g.sum()])
-
-    result = minimize(objective, np.r_[np.ones(d), 0.0], jac=True, method="L-BFGS-B",
-                      bounds=[(0, None)] * d + [(None, None)])
-    return result.x[:d], float(result.x[d])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     y = np.r_[np.zeros(len(clean_fit)), np.ones(len(adv_fit))]
     unconstrained = LogisticRegression(max_iter=5000, random_state=args.seed).fit(x, y)
     w_nonneg, b_nonneg = fit_nonnegative_logistic(x, y, 1.0)
-    shrunk = {C: shrunk_nonnegative(x, y, C) for C in (0.001, 0.01)}
+    shrunk = {C: fit_nonnegative_logistic(x, y, C, prior=1.0) for C in (0.001, 0.01)}
     detector = ChannelSupervisedDetector(seed=args.seed, channels_from=channels, guard_from=guard).fit(clean_fit,
                                                                                                           adv_fit)
     combiners = {

@@ -55,6 +55,31 @@ def test_a_binding_bound_is_optimal():
     assert abs(gradient[0]) < 1e-3 and abs(np.sum(-sign / (1 + np.exp(margin)))) < 1e-3
 
 
+def test_a_prior_pulls_the_weights_towards_it_and_is_optimal():
+    """prior = 1: the penalty is ||w - 1||^2 / 2 (scripts/supervised_combiner_check.py's
+    "shrunk towards equal weights"); with little data weight (small C) the weights stay near 1,
+    and the optimality conditions hold, bound included."""
+    x = np.concatenate([deviations(300, (0.0, 1.0), 2), deviations(300, (1.5, 0.0), 3)])
+    y = np.r_[np.zeros(300), np.ones(300)]
+    sign = np.where(y > 0, 1.0, -1.0)
+    for C, near in ((1e-4, 0.05), (1.0, None)):
+        w, b = fit_nonnegative_logistic(x, y, C=C, prior=1.0)
+        margin = sign * (x @ w + b)
+        g = -sign / (1 + np.exp(margin))
+        gradient = C * (x.T @ g) + (w - 1.0)
+        free = w > 0
+        np.testing.assert_allclose(gradient[free], 0.0, atol=1e-3)
+        assert (gradient[~free] >= 0).all()
+        assert abs(C * g.sum()) < 1e-3
+        if near is not None:
+            np.testing.assert_allclose(w, 1.0, atol=near)
+    # prior 0 is the plain penalty, bit for bit
+    assert all(np.array_equal(a, b) for a, b in zip(fit_nonnegative_logistic(x, y, C=1.0),
+                                                   fit_nonnegative_logistic(x, y, C=1.0, prior=0.0)))
+    with pytest.raises(ValueError, match="prior must be >= 0"):
+        fit_nonnegative_logistic(x, y, C=1.0, prior=-1.0)
+
+
 def test_deviating_more_on_any_channel_never_lowers_the_score():
     """The same clean images, pushed further on channel 1 only (an unseen
     attack's trace): the unconstrained fit, taught by a seen attack that
