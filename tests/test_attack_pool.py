@@ -1,8 +1,8 @@
 """pathguard.jobs.attack_pool: attack sets from worker processes are the
 sets generate_attack_set makes in this process with the same number of
-torch threads, bit for bit.  (Across thread counts FGSM, PGD and CW were
-bit-identical on 512 / 256 images; DeepFool moved 1 image of 256 by 1.5e-8,
-see pathguard/jobs/attack_pool.py.)"""
+torch threads, bit for bit.  (Across thread counts they can differ:
+bench/bench_attack_workers.py found DeepFool's sets 1 image in 512 apart,
+by 1.5e-8; FGSM, PGD and CW bit-identical.)"""
 
 from __future__ import annotations
 

@@ -143,3 +143,16 @@ def test_bench_forward_compares_the_pools_and_checks_their_bits(tmp_path):
             r = row[job]
             assert r["speedup"] == pytest.approx(r["max_pool2d_ms_per_image"] / r["fast_ms_per_image"])
     assert len(re.findall(r"^\s+\d+\s+(forward|inspect)\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+True$", proc.stdout, re.M)) == 4
+
+
+def test_bench_attack_workers_prints_a_ratio_per_attack(tmp_path):
+    out = tmp_path / "attack-workers.json"
+    proc = run_script("bench_attack_workers.py", "--attacks", "fgsm", "--n", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert row["attack"] == "fgsm" and row["images"] == 16
+    assert row["speedup"] == pytest.approx(row["one_process_s"] / row["workers_s"])
+    assert row["bit_identical"] is True   # FGSM: one gradient sign, the same at any thread count
+    assert row["images_differing"] == 0 and row["max_abs_difference"] == 0.0
+    assert re.search(r"^fgsm\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+True\s+\(0, 0\)$", proc.stdout, re.M)

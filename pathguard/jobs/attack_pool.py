@@ -5,14 +5,14 @@ PGD are 100, 50 and 40 gradient steps per image), and one attack at a time
 in one process with two torch threads leaves the cores idle part of the time:
 the model is small, so each thread waits on the other after every layer.
 Two single-thread processes, each running its own attack, keep both cores
-busy: on the project's 2-core VM they generate 1.3x as many PGD examples per
-second as one two-thread process (512 images each, same run; CW 1.17x,
-DeepFool 1.32x on 256). The sets do not depend on the process they were made
-in (``tests/test_attack_pool.py``: bit-identical to this process with the
-workers' thread count). Across thread counts, FGSM, PGD and CW sets were
-bit-identical here too; DeepFool moved 1 image of 256 by 1.5e-8 (its
-arithmetic on a shrinking batch of images still in play is not invariant to
-how torch splits it over threads).
+busy: on the project's 2-core VM they generate 1.09-1.42x (PGD), 1.11-1.16x
+(CW) and 1.29-1.34x (DeepFool) as many examples per second as one two-thread
+process (``bench/bench_attack_workers.py``, two runs). The sets do not depend
+on the process they were made in (``tests/test_attack_pool.py``: bit-identical
+to this process with the workers' thread count). Across thread counts, FGSM,
+PGD and CW sets were bit-identical in that benchmark too; DeepFool's differed
+in 1 image of 512, by 1.5e-8 (its arithmetic on a shrinking batch of images
+still in play is not invariant to how torch splits it over threads).
 
 Each worker is a spawned process that loads the bundle itself (its digest
 checked against the caller's) and runs ``generate_attack_set``, which seeds
