@@ -34,12 +34,18 @@ Usage:
 prefix) configures the server, for tuning; ``--server-pythonpath DIR`` serves
 the code found in DIR instead (a copy of another revision laid out as the
 ``pathguard`` package), to compare revisions on one machine in one run.
+``--compare KEY=VALUE`` (repeatable) starts a second server with those
+settings on top and runs every scenario on both, one after the other
+(interleaved, so that drift in this machine's speed hits both alike); it
+prints the second server's table and, per scenario, its images/s and p50 as
+a ratio to the first's.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -271,6 +277,45 @@ def row_of(scenario: Scenario, connections: int, stats: dict, server_cores: floa
             "max_ms": stats["max_us"] / 1000, "server_cores": server_cores, "wrk": stats}
 
 
+def measure_scenario(wrk: str, server: Server, scenario, files: list[Path], connections: int, args) -> dict:
+    """One scenario on one server: a warm-up, then ``args.duration`` seconds
+    of wrk, with the server's CPU time and batch counters around it."""
+    if args.warmup > 0:
+        run_wrk(wrk, server.url, scenario, files, connections, args.warmup)
+    cpu = server.cpu_seconds()
+    counters = batch_counters(server.url)
+    started = time.perf_counter()
+    stats = run_wrk(wrk, server.url, scenario, files, connections, args.duration)
+    seconds = time.perf_counter() - started
+    row = row_of(scenario, connections, stats, (server.cpu_seconds() - cpu) / seconds)
+    row["batches"] = batch_summary(counters, batch_counters(server.url), seconds)
+    return row
+
+
+def add_ratios(rows: dict, ceiling: float) -> None:
+    """Each row's req/s as a ratio to the same table's /health, and images/s
+    as a ratio to the in-process ceiling."""
+    if not rows:
+        return
+    health_rps = rows["health"]["requests_per_s"]
+    for row in rows.values():
+        row["health_ratio"] = row["requests_per_s"] / health_rps if health_rps else float("nan")
+        row["ceiling_ratio"] = row["images_per_s"] / ceiling if row["images_per_request"] else None
+
+
+def print_table(rows: dict) -> None:
+    header = (f"{'scenario':<12} {'conns':>5} {'img/req':>7} {'req/s':>9} {'images/s':>9} {'p50 ms':>7} "
+              f"{'p99 ms':>7} {'errors':>6} {'/health':>7} {'/ceiling':>8} {'server':>6}")
+    print(header)
+    print("-" * len(header))
+    for row in rows.values():
+        ceiling_ratio = f"{row['ceiling_ratio']:.3f}" if row["ceiling_ratio"] is not None else "-"
+        print(f"{row['scenario']:<12} {row['connections']:>5} {row['images_per_request']:>7} "
+              f"{row['requests_per_s']:>9.1f} {row['images_per_s']:>9.1f} {row['p50_ms']:>7.2f} "
+              f"{row['p99_ms']:>7.2f} {row['errors']:>6} {row['health_ratio']:>7.3f} {ceiling_ratio:>8} "
+              f"{row['server_cores']:>6.2f}")
+
+
 def targets(rows: dict, ceiling: float) -> list[dict]:
     """The issue's targets against this run's rows (those that ran)."""
     out = []
@@ -307,7 +352,8 @@ def other_load() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines()
-            if re.search(r"pathguard (evaluate|train|fit|attack|adaptive|explain|measure)|own_images", line) and str(os.getpid()) not in line]
+            if re.search(r"pathguard (evaluate|train|fit|attack|adaptive|explain|measure)|own_images", line)
+            and str(os.getpid()) not in line]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds of wrk per scenario (default 15)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured wrk seconds before each (default 2; 0: none)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="unmeasured wrk seconds before each (default 2; 0: none)")
     parser.add_argument("--connections", type=int, default=16, help="connections of the multi-client scenarios")
     parser.add_argument("--batch-connections", type=int, default=4, help="connections of the 32-image scenarios")
     parser.add_argument("--scenarios", nargs="+", choices=sorted(SCENARIOS), default=DEFAULT_SCENARIOS)
@@ -328,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="distinct test images (default 256)")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a server setting (PATHGUARD_<KEY>), repeatable")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                        help="also run every scenario, interleaved, on a second server with these settings "
+                             "on top (repeatable)")
     parser.add_argument("--server-pythonpath", default=None, help="serve the pathguard package found here")
     parser.add_argument("--wrk", default=None, help="the wrk binary (default: wrk on PATH)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file ('-' = stdout)")
@@ -359,62 +409,58 @@ def main(argv: list[str] | None = None) -> int:
           f"{ceiling_before['images_per_s']:.1f} images/s", flush=True)
 
     settings = {"batch_size": args.batch_size, "torch_threads": args.threads, **parse_settings(args.settings)}
+    compare = {**settings, **parse_settings(args.compare)} if args.compare else None
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="pathguard-wrk-") as tmp:
-        with Server(args.bundle, args.server_pythonpath, **settings) as server:
-            for name in args.scenarios:
-                scenario = SCENARIOS[name]
-                distinct = 8 if scenario.images > 1 else min(args.images, 256)
-                bodies = build_bodies(scenario, arrays, pngs, distinct)
-                files = []
-                for i, body in enumerate(bodies):
-                    files.append(Path(tmp) / f"{name}-{i}.body")
-                    files[-1].write_bytes(body)
+    compare_rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="pathguard-wrk-") as tmp, contextlib.ExitStack() as stack:
+        servers = [("", stack.enter_context(Server(args.bundle, args.server_pythonpath, **settings)), rows)]
+        if compare is not None:
+            servers.append(("[compare] ", stack.enter_context(Server(args.bundle, args.server_pythonpath, **compare)),
+                            compare_rows))
+        for name in args.scenarios:
+            scenario = SCENARIOS[name]
+            distinct = 8 if scenario.images > 1 else min(args.images, 256)
+            bodies = build_bodies(scenario, arrays, pngs, distinct)
+            files = []
+            for i, body in enumerate(bodies):
+                files.append(Path(tmp) / f"{name}-{i}.body")
+                files[-1].write_bytes(body)
+            connections = 1 if scenario.single_connection else (
+                args.batch_connections if scenario.images > 1 else args.connections)
+            for label, server, table in servers:
                 check_bodies(server.url, scenario, bodies)
-                connections = 1 if scenario.single_connection else (
-                    args.batch_connections if scenario.images > 1 else args.connections)
-                if args.warmup > 0:
-                    run_wrk(wrk, server.url, scenario, files, connections, args.warmup)
-                cpu = server.cpu_seconds()
-                counters = batch_counters(server.url)
-                started = time.perf_counter()
-                stats = run_wrk(wrk, server.url, scenario, files, connections, args.duration)
-                seconds = time.perf_counter() - started
-                cores = (server.cpu_seconds() - cpu) / seconds
-                rows[name] = row_of(scenario, connections, stats, cores)
-                r = rows[name]
-                r["batches"] = batch_summary(counters, batch_counters(server.url), seconds)
-                print(f"  {name:<12} {connections:3d} conns: {r['requests_per_s']:8.1f} req/s, "
+                table[name] = r = measure_scenario(wrk, server, scenario, files, connections, args)
+                print(f"  {label}{name:<12} {connections:3d} conns: {r['requests_per_s']:8.1f} req/s, "
                       f"{r['images_per_s']:8.1f} images/s, p50 {r['p50_ms']:6.2f} ms, p99 {r['p99_ms']:6.2f} ms, "
                       f"{r['errors']} errors; {r['batches']['images_per_call']:.1f} images per inference call, "
-                      f"{r['batches']['ms_per_call']:.1f} ms each, worker busy {r['batches']['worker_busy']:.0%}",
+                      f"{r['batches']['ms_per_call']:.1f} ms each, workers busy {r['batches']['worker_busy']:.0%}",
                       flush=True)
-            still_ok = server.proc.poll() is None
-            exit_status = server.stop()
+        still_ok = all(server.proc.poll() is None for _, server, _ in servers)
+        exit_status = max((server.stop() for _, server, _ in servers), key=abs)
     ceiling_after = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)
     ceiling = max(ceiling_before["images_per_s"], ceiling_after["images_per_s"])
-    health_rps = rows["health"]["requests_per_s"]
-    for row in rows.values():
-        row["health_ratio"] = row["requests_per_s"] / health_rps if health_rps else float("nan")
-        row["ceiling_ratio"] = row["images_per_s"] / ceiling if row["images_per_request"] else None
+    for table in (rows, compare_rows):
+        add_ratios(table, ceiling)
     checks = targets(rows, ceiling)
 
     print()
     print(f"ceiling: {ceiling:.1f} images/s (before {ceiling_before['images_per_s']:.1f}, after "
           f"{ceiling_after['images_per_s']:.1f}; Inspector.inspect, batch {args.batch_size} in one pass, "
           f"{threads} torch threads)")
-    header = (f"{'scenario':<12} {'conns':>5} {'img/req':>7} {'req/s':>9} {'images/s':>9} {'p50 ms':>7} "
-              f"{'p99 ms':>7} {'errors':>6} {'/health':>7} {'/ceiling':>8} {'server':>6}")
-    print(header)
-    print("-" * len(header))
-    for row in rows.values():
-        ceiling_ratio = f"{row['ceiling_ratio']:.3f}" if row["ceiling_ratio"] is not None else "-"
-        print(f"{row['scenario']:<12} {row['connections']:>5} {row['images_per_request']:>7} "
-              f"{row['requests_per_s']:>9.1f} {row['images_per_s']:>9.1f} {row['p50_ms']:>7.2f} "
-              f"{row['p99_ms']:>7.2f} {row['errors']:>6} {row['health_ratio']:>7.3f} {ceiling_ratio:>8} "
-              f"{row['server_cores']:>6.2f}")
+    print_table(rows)
     print("/health = req/s as a ratio to GET /health req/s of this run; /ceiling = images/s as a ratio to the "
           "in-process ceiling; server = CPU cores the server used")
+    if compare is not None:
+        print()
+        print(f"compare: the same scenarios, interleaved, on a server with {' '.join(args.compare)}:")
+        print_table(compare_rows)
+        print()
+        print(f"{'scenario':<12} {'images/s (or req/s) x':>22} {'p50 x':>7} {'p99 x':>7}   (compare / first)")
+        for name, row in compare_rows.items():
+            first = rows[name]
+            key = "images_per_s" if row["images_per_request"] else "requests_per_s"
+            print(f"{name:<12} {row[key] / first[key]:>22.2f} {row['p50_ms'] / first['p50_ms']:>7.2f} "
+                  f"{row['p99_ms'] / first['p99_ms']:>7.2f}")
     print()
     print("targets:")
     for check in checks:
@@ -432,12 +478,15 @@ def main(argv: list[str] | None = None) -> int:
                            "server": {k: v for k, v in settings.items() if v is not None}, "wrk_threads": 1},
               "ceiling": {"images_per_s": ceiling, "before": ceiling_before, "after": ceiling_after},
               "rows": list(rows.values()), "targets": checks, "server_exit": exit_status,
+              "compare": ({"settings": {k: v for k, v in compare.items() if v is not None},
+                           "rows": list(compare_rows.values()), "targets": targets(compare_rows, ceiling)}
+                          if compare is not None else None),
               "server_alive_at_end": still_ok}
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    errors = sum(row["errors"] for row in rows.values())
+    errors = sum(row["errors"] for table in (rows, compare_rows) for row in table.values())
     return 0 if errors == 0 and still_ok and exit_status == 0 else 1
 
 

@@ -11,7 +11,9 @@ more source of noise in SGD, and it is several times faster.
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -40,10 +42,38 @@ def resolve_device(name: str = "auto", exact: bool = True) -> torch.device:
     return torch.device(name)
 
 
-def usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity mask, where the OS has
-    one), not the machine's count."""
+def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup") -> float | None:
+    """CPUs this process's cgroup may use per unit of time (its CPU quota,
+    as in a container's ``--cpus`` or a Kubernetes CPU limit), or None when
+    it has none.  Reads cgroup v2 ``cpu.max`` ("200000 100000" = 2 CPUs,
+    "max 100000" = no limit) or cgroup v1 ``cpu/cpu.cfs_quota_us`` and
+    ``cpu.cfs_period_us`` (a quota of -1 = no limit)."""
+    root = Path(root)
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota = int((folder / "cpu.cfs_quota_us").read_text())
+            period = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return None if quota <= 0 or period <= 0 else quota / period
+    return None
+
+
+def usable_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup") -> int:
+    """CPU cores this process may run on: its affinity mask (where the OS has
+    one), not the machine's count, and no more than its cgroup's CPU quota
+    rounded up (a container limited to 2 CPUs on a 16-core node sees all 16
+    in its affinity mask, but gets the time of 2)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cores = min(cores, max(1, math.ceil(limit)))
+    return cores

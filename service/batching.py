@@ -3,11 +3,18 @@
 Requests ``submit`` their images (a tensor (n, C, H, W)) and await their own
 results.  A collector task on the event loop takes queued images in arrival
 order and groups them into batches of at most ``max_batch`` images, waiting
-at most ``max_wait_s`` after the first one for more to arrive; each batch
-runs on a single worker thread (torch already uses the cores, and one
-thread keeps the model single-user), so the event loop never blocks.
-A request larger than ``max_batch`` is split into chunks; a request's chunks
-stay together in order, and its results come back in its own order.
+at most ``max_wait_s`` after the first one for more to arrive, and hands each
+batch to an inference worker, so the event loop never blocks.  A request is
+cut into pieces of at most ``piece`` images (``max_batch`` by default); a
+request's pieces stay in order, and its results come back in its own order.
+
+``workers`` batches may be in flight at once, one per inference worker (by
+default one: a single worker thread, since torch already uses the cores).
+A batch is formed only when a worker is free, so under load the next batch
+fills with everything that arrived while the workers were busy.  With more
+than one worker free, the queued images are shared out between them (in
+multiples of ``piece``): a lone 32-image request keeps two workers busy
+instead of one.
 
 Backpressure: at most ``max_queue`` images may wait for inference (queued or
 in a batch still forming); a request that would exceed that is refused at
@@ -19,15 +26,17 @@ bounds queueing + inference time with ``InferenceTimeout``.  Both carry a
 pass (still bounded by ``max_batch`` per pass), for benchmarks.
 
 Where inference runs: by default on one worker thread of this process.  An
-``executor`` (e.g. a one-process ``ProcessPoolExecutor``) runs it elsewhere
-instead; ``pack`` then turns each batch's tensor into what is sent there
-(e.g. a NumPy array, which pickles as plain bytes).  A worker process does
-not share this process's GIL: under load the event loop's Python work and
-the inference pass's Python glue (one GIL round trip per torch op) no longer
-wait for each other, which made a pass 2-3 times slower than in-process.
+``executor`` (e.g. a ``ProcessPoolExecutor`` with ``workers`` processes) runs
+it elsewhere instead; ``pack`` then turns each batch's tensor into what is
+sent there (e.g. a NumPy array, which pickles as plain bytes).  A worker
+process does not share this process's GIL: under load the event loop's
+Python work and the inference pass's Python glue (one GIL round trip per
+torch op) no longer wait for each other, which made a pass 2-3 times slower
+than in-process.
 
 ``close()`` stops new submissions and drains: everything already accepted is
-still inferred and answered before the worker stops.
+still inferred and answered (the batches in flight included) before the
+workers stop.
 """
 
 from __future__ import annotations
@@ -84,9 +93,12 @@ class MicroBatcher:
     def __init__(self, infer: InferFn, *, max_batch: int = 64, max_wait_s: float = 0.002,
                  max_queue: int = 1024, coalesce: bool = True, retry_after: int = 1,
                  on_batch: BatchHook | None = None, executor: Executor | None = None,
-                 pack: Callable[[torch.Tensor], Any] | None = None) -> None:
+                 pack: Callable[[torch.Tensor], Any] | None = None, workers: int = 1,
+                 piece: int | None = None) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
+        if workers < 1 or (piece is not None and not 1 <= piece <= max_batch):
+            raise ValueError("workers must be >= 1 and piece between 1 and max_batch")
         self.infer = infer
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
@@ -94,6 +106,11 @@ class MicroBatcher:
         self.coalesce = coalesce
         self.retry_after = retry_after
         self.on_batch = on_batch
+        self.workers = workers
+        self.piece = piece or max_batch
+        self._busy = 0  # batches in flight
+        self._worker_free: asyncio.Event | None = None
+        self._running: set[asyncio.Task] = set()
         self._queue: collections.deque[_Chunk] = collections.deque()
         self._pending = 0  # images accepted but not yet handed to the worker
         self._closing = False
@@ -111,8 +128,9 @@ class MicroBatcher:
             raise RuntimeError("batcher already started")
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        self._worker_free = asyncio.Event()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pathguard-infer")
+            self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pathguard-infer")
         self._task = asyncio.create_task(self._collect(), name="pathguard-batcher")
 
     async def run_in_worker(self, fn: Callable, *args):
@@ -140,6 +158,8 @@ class MicroBatcher:
             except asyncio.TimeoutError:
                 log.warning("batcher did not drain within %.1f s; cancelling", timeout)
                 self._task.cancel()
+                for task in list(self._running):
+                    task.cancel()
         for chunk in self._queue:
             if not chunk.future.done():
                 chunk.future.set_exception(ShuttingDown("server is shutting down", self.retry_after))
@@ -164,8 +184,8 @@ class MicroBatcher:
             raise Overloaded(f"server busy: {self._pending} images already waiting (limit {self.max_queue}); "
                              f"retry after {self.retry_after} s", self.retry_after)
         loop = asyncio.get_running_loop()
-        chunks = [_Chunk(images[s:s + self.max_batch], include_path, loop.create_future())
-                  for s in range(0, n, self.max_batch)]
+        chunks = [_Chunk(images[s:s + self.piece], include_path, loop.create_future())
+                  for s in range(0, n, self.piece)]
         self._queue.extend(chunks)
         self._pending += n
         self._wakeup.set()
@@ -190,41 +210,71 @@ class MicroBatcher:
         while self._queue and self._queue[0].future.done():
             self._pending -= len(self._queue.popleft())
 
+    def _queued_images(self) -> int:
+        return sum(len(c) for c in self._queue if not c.future.done())
+
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._drop_cancelled()
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch: list[_Chunk] = []
-            size = 0
-            deadline = loop.time() + self.max_wait_s
+        try:
             while True:
                 self._drop_cancelled()
-                while self._queue and size + len(self._queue[0]) <= self.max_batch:
-                    chunk = self._queue.popleft()
-                    batch.append(chunk)
-                    size += len(chunk)
-                    if not self.coalesce:
-                        break
-                    self._drop_cancelled()
-                full = size >= self.max_batch or (self._queue and not self._queue[0].future.done())
-                if full or not self.coalesce or self._closing:
+                if not self._queue:
+                    if self._closing:
+                        return
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                while self._busy >= self.workers:  # form the batch when a worker can take it
+                    self._worker_free.clear()
+                    await self._worker_free.wait()
+                batch, size = await self._form_batch()
+                self._pending -= size
+                if batch:
+                    self._busy += 1
+                    task = asyncio.create_task(self._run(batch), name="pathguard-batch")
+                    self._running.add(task)
+                    task.add_done_callback(self._batch_done)
+        finally:
+            if self._running:  # drain: the batches in flight are answered too
+                await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        self._busy -= 1
+        self._worker_free.set()
+
+    async def _form_batch(self) -> tuple[list[_Chunk], int]:
+        """The next batch: queued pieces in arrival order, up to ``max_batch``
+        images (or this worker's share of the queue when other workers are
+        free too), waiting up to ``max_wait_s`` for more to arrive."""
+        loop = asyncio.get_running_loop()
+        limit = self.max_batch
+        free = self.workers - self._busy
+        if free > 1 and self.coalesce:
+            share = -(-self._queued_images() // free)
+            limit = min(self.max_batch, max(self.piece, -(-share // self.piece) * self.piece))
+        batch: list[_Chunk] = []
+        size = 0
+        deadline = loop.time() + self.max_wait_s
+        while True:
+            self._drop_cancelled()
+            while self._queue and size + len(self._queue[0]) <= limit:
+                chunk = self._queue.popleft()
+                batch.append(chunk)
+                size += len(chunk)
+                if not self.coalesce:
                     break
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except asyncio.TimeoutError:
-                    break
-            self._pending -= size
-            await self._run(batch)
+                self._drop_cancelled()
+            full = size >= limit or (self._queue and not self._queue[0].future.done())
+            if full or not self.coalesce or self._closing:
+                return batch, size
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return batch, size
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except asyncio.TimeoutError:
+                return batch, size
 
     async def _run(self, batch: list[_Chunk]) -> None:
         live = [c for c in batch if not c.future.done()]

@@ -22,8 +22,10 @@ environment variables (or passed explicitly), validated on construction.
     PATHGUARD_INFERENCE_TIMEOUT_S per-request limit on queueing + inference; beyond it: 503
     PATHGUARD_RETRY_AFTER_S       the Retry-After sent with those 503s
     PATHGUARD_TORCH_THREADS       torch intra-op threads (default: torch's own choice)
-    PATHGUARD_INFERENCE_PROCESS   run inference in a separate worker process (default true)
+    PATHGUARD_INFERENCE_PROCESS   run inference in separate worker processes (default true)
                                   rather than on a thread of the server process
+    PATHGUARD_INFERENCE_WORKERS   inference worker processes, each taking whole batches (default:
+                                  one per usable core, at most 4; see service/state.py)
     PATHGUARD_LOG_LEVEL           uvicorn / service log level
 """
 
@@ -75,6 +77,10 @@ class Settings(BaseSettings):
     inference_process: bool = Field(
         True, description="run inference in one worker process (no GIL shared with the event loop) "
                           "instead of on a thread of the server process")
+    inference_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="inference worker processes, each running whole batches side by side (default: one "
+                    "per usable core, at most 4)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("expected_digest", mode="before")
@@ -105,6 +111,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"queue_size ({self.queue_size}) must be >= max_images ({self.max_images}), "
                 "or a full-size request could never be accepted")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_are_processes(self) -> "Settings":
+        if (self.inference_workers or 1) > 1 and not self.inference_process:
+            raise ValueError("inference_workers > 1 needs inference_process (worker processes); "
+                             "in-process inference runs on one thread")
         return self
 
     @property

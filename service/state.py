@@ -8,17 +8,28 @@ inference worker and only then marks the state ready; on shutdown it marks
 it draining and lets the batcher finish what is queued.  A bundle that
 cannot be served raises ``BundleError``, so the server does not start.
 
-The inference worker is, by default (``inference_process``), one separate
-process (spawned, so it shares no GIL with the event loop): it loads the
-same bundle, refuses any other digest, and ignores SIGINT (Ctrl-C reaches
-the whole process group; the server drains first and then stops it).
-Otherwise it is one thread of this process.
+Inference runs, by default (``inference_process``), in separate worker
+processes (spawned, so they share no GIL with the event loop), each of which
+loads the same bundle, refuses any other digest, and ignores SIGINT (Ctrl-C
+reaches the whole process group; the server drains first and then stops
+them).  Otherwise it runs on one thread of this process.
+
+How many workers, and how many torch threads each (``inference_workers``,
+``worker_threads``): one single-thread worker per usable core, at most
+``MAX_DEFAULT_WORKERS``.  Every pass has ``forward_chunk`` images, and a
+pass of 8 gains little from a second intra-op thread, while two
+single-thread processes running whole passes side by side answer about
+twice as many images per second (``bench/bench_http.py``, service/README.md).
+Every worker computes the same passes with the same thread count, so an
+image's answer does not depend on which worker computed it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
+import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
@@ -40,6 +51,13 @@ from .responses import model_info
 from .settings import Settings
 
 log = logging.getLogger("pathguard.service")
+
+# Default ceiling on inference worker processes: each holds its own copy of
+# the model and torch (about 300 MB); beyond a few, batches of single-image
+# traffic are too small to keep more busy.
+MAX_DEFAULT_WORKERS = 4
+# How long a worker's warm-up waits for the others to load the bundle.
+WARM_UP_TIMEOUT_S = 300.0
 
 
 class BundleError(RuntimeError):
@@ -85,12 +103,16 @@ async def load_inspector(settings: Settings) -> Inspector:
 # ------------------------------------------------------ the worker process
 
 _WORKER_INSPECTOR: Inspector | None = None
+_WORKER_BARRIER = None
 
 
-def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None) -> None:
+def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None,
+                 barrier=None) -> None:
     """In the inference process: load the bundle the server verified (the
-    same digest, or refuse) and keep its inspector."""
-    global _WORKER_INSPECTOR
+    same digest, or refuse) and keep its inspector (and the barrier every
+    worker's warm-up meets at)."""
+    global _WORKER_INSPECTOR, _WORKER_BARRIER
+    _WORKER_BARRIER = barrier
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
@@ -106,52 +128,87 @@ def _worker_infer(images: np.ndarray, include_path: bool) -> list[Inspection]:
     return _WORKER_INSPECTOR.inspect(torch.from_numpy(images), include_path=include_path)
 
 
+def _worker_warm_up(images: np.ndarray) -> int:
+    """In each inference process once at start: one pass, then wait at the
+    barrier until every worker has made its own (so each of them takes
+    exactly one warm-up call, and a worker that cannot start fails the
+    start-up instead of the first requests).  Returns the worker's pid."""
+    _worker_infer(images, True)
+    if _WORKER_BARRIER is not None:
+        _WORKER_BARRIER.wait(timeout=WARM_UP_TIMEOUT_S)
+    return os.getpid()
+
+
 def _pack(images: torch.Tensor) -> np.ndarray:
     """A batch as sent to the worker process: a NumPy array pickles as plain
     bytes (a tensor would go through torch's shared-memory reducer)."""
     return images.contiguous().numpy()
 
 
+def inference_workers(settings: Settings) -> int:
+    """Inference worker processes: ``inference_workers`` when set; otherwise
+    one per usable core, at most ``MAX_DEFAULT_WORKERS`` (one without
+    ``inference_process``)."""
+    if settings.inference_workers:
+        return settings.inference_workers
+    if not settings.inference_process:
+        return 1
+    return max(1, min(MAX_DEFAULT_WORKERS, usable_cpus()))
+
+
 def worker_threads(settings: Settings) -> int | None:
-    """Torch threads of the inference worker process: ``torch_threads`` when
-    set; otherwise torch's own default less one core, which the event loop
-    keeps.  On two cores that is one thread: two intra-op threads fought the
-    event loop for the cores (their spin-waits burned a second core even for
-    one client) and answered single-image requests a third slower
-    (``bench/bench_http.py --set torch_threads=2``; service/README.md)."""
+    """Torch threads of each inference worker process: ``torch_threads`` when
+    set; otherwise torch's own default less one core (which the event loop
+    keeps), shared between the workers, at least one each.  On two cores
+    that is one thread: two intra-op threads fought the event loop for the
+    cores (their spin-waits burned a second core even for one client) and
+    answered single-image requests a third slower (``bench/bench_http.py
+    --set torch_threads=2``; service/README.md)."""
     if settings.torch_threads:
         return settings.torch_threads
-    return max(1, min(torch.get_num_threads(), usable_cpus() - 1))
+    return max(1, min(torch.get_num_threads(), usable_cpus() - 1) // inference_workers(settings))
 
 
 async def start_batcher(inspector: Inspector, settings: Settings, metrics: ServiceMetrics) -> MicroBatcher:
     """A running batcher around ``inspector.inspect``, in a worker process or
     on a worker thread (``settings.inference_process``), warmed up by one
     forward pass there (closed again if that fails)."""
+    workers = inference_workers(settings)
     if settings.inference_process:
+        context = multiprocessing.get_context("spawn")
         executor = ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+            max_workers=workers, mp_context=context, initializer=_worker_init,
             initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk,
-                      worker_threads(settings)))
+                      worker_threads(settings), context.Barrier(workers)))
         infer, pack = _worker_infer, _pack
-        warm_up = np.zeros((1, *inspector.input_shape), dtype=np.float32)
+        warm_up, warm_up_args = _worker_warm_up, (np.zeros((1, *inspector.input_shape), dtype=np.float32),)
     else:
         def infer(images: torch.Tensor, include_path: bool) -> list[Inspection]:
             return inspector.inspect(images, include_path=include_path)
 
-        executor, pack, warm_up = None, None, torch.zeros((1, *inspector.input_shape))
+        executor, pack = None, None
+        warm_up, warm_up_args = infer, (torch.zeros((1, *inspector.input_shape)), True)
 
     batcher = MicroBatcher(
         infer, max_batch=settings.batch_size, max_wait_s=settings.batch_wait_s,
         max_queue=settings.queue_size, coalesce=settings.batching, retry_after=settings.retry_after_s,
-        on_batch=metrics.observe_batch, executor=executor, pack=pack)
+        on_batch=metrics.observe_batch, executor=executor, pack=pack, workers=workers,
+        piece=min(inspector.chunk or settings.batch_size, settings.batch_size))
     await batcher.start()
     try:
-        await batcher.run_in_worker(infer, warm_up, True)
+        # one warm-up per worker (each process meets the others at a barrier)
+        await asyncio.gather(*(batcher.run_in_worker(warm_up, *warm_up_args) for _ in range(workers)))
     except Exception as exc:
         await batcher.close()
         raise BundleError(f"cannot serve bundle {settings.bundle}: warm-up pass failed: {exc}") from exc
     return batcher
+
+
+def _inference_summary(settings: Settings) -> str:
+    if not settings.inference_process:
+        return "inference on a thread of this process"
+    workers, threads = inference_workers(settings), worker_threads(settings)
+    return f"{workers} inference worker process{'es' if workers > 1 else ''}, {threads} torch thread(s) each"
 
 
 async def load(state: ServiceState) -> None:
@@ -168,9 +225,9 @@ async def load(state: ServiceState) -> None:
     state.metrics.model_info.labels(inspector.bundle.path.name, inspector.bundle.digest, detector.name).set(1)
     state.batcher = await start_batcher(inspector, settings, state.metrics)
     state.ready = True
-    log.info("serving bundle %s (digest %s..., score %s, threshold %.4g); API key %s",
+    log.info("serving bundle %s (digest %s..., score %s, threshold %.4g); %s; API key %s",
              inspector.bundle.path.name, inspector.bundle.digest[:12], detector.name,
-             detector.threshold_, "required" if settings.api_key else "not required")
+             detector.threshold_, _inference_summary(settings), "required" if settings.api_key else "not required")
 
 
 async def drain(state: ServiceState) -> None:

@@ -95,8 +95,9 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
         pytest.fail("wrk is not installed (apt-get install -y wrk): bench/bench_http.py needs it")
     out = tmp_path / "http.json"
     proc = run_script("bench_http.py", "--bundle", str(bench_bundle), "--duration", "1", "--warmup", "0",
-                      "--connections", "4", "--batch-connections", "2", "--threads", "1", "--ceiling-threads", "1", "--images", "64",
-                      "--ceiling-seconds", "0.3", "--json", str(out))
+                      "--connections", "4", "--batch-connections", "2", "--threads", "1", "--ceiling-threads", "1",
+                      "--images", "64", "--ceiling-seconds", "0.3", "--set", "inference_workers=2",
+                      "--compare", "inference_workers=1", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {row["scenario"]: row for row in result["rows"]}
@@ -114,12 +115,22 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
             assert row["ceiling_ratio"] == pytest.approx(row["images_per_s"] / ceiling)
     assert rows["json-1-c1"]["connections"] == 1 and rows["json-32"]["connections"] == 2
     # Batch statistics from the server's /metrics: health runs no inference; a lone
-    # client's requests are one image per inference call; 32-image requests at least 32.
-    assert rows["health"]["batches"]["calls"] == 0
-    assert rows["json-1-c1"]["batches"]["images_per_call"] == pytest.approx(1.0)
-    assert rows["npy-32"]["batches"]["images_per_call"] >= 32
-    assert all(0 < rows[n]["batches"]["ms_per_call"] and 0 < rows[n]["batches"]["worker_busy"] <= 1.05
-               for n in rows if n != "health")
+    # client's requests are one image per inference call; with one worker a
+    # 32-image request is one call (at least 32 images), with two free workers it
+    # may be shared out between them in pieces of the forward chunk (8).
+    compare = {row["scenario"]: row for row in result["compare"]["rows"]}
+    assert result["compare"]["settings"]["inference_workers"] == "1"
+    assert result["settings"]["server"]["inference_workers"] == "2"
+    assert set(compare) == set(rows) and all(row["errors"] == 0 and row["requests"] > 0 for row in compare.values())
+    for table, workers in ((rows, 2), (compare, 1)):
+        assert table["health"]["batches"]["calls"] == 0
+        assert table["json-1-c1"]["batches"]["images_per_call"] == pytest.approx(1.0)
+        assert table["npy-32"]["batches"]["images_per_call"] >= (32 if workers == 1 else 8)
+        assert all(0 < table[n]["batches"]["ms_per_call"] and 0 < table[n]["batches"]["worker_busy"] <= 1.05 * workers
+                   for n in table if n != "health")
+    # and the comparison: per scenario, the second server's figures as ratios to the first's
+    assert "(compare / first)" in proc.stdout
+    assert re.search(r"^npy-32\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", proc.stdout, re.M)
     assert {t["target"].split(":")[0] for t in result["targets"]} >= {"json-1", "octet-1", "json-32", "npy-32",
                                                                      "json-1-c1", "octet-1-c1"}
     # The printed table: one line per scenario, with its ratio to /health and to the ceiling.
@@ -156,3 +167,26 @@ def test_bench_attack_workers_prints_a_ratio_per_attack(tmp_path):
     assert row["bit_identical"] is True   # FGSM: one gradient sign, the same at any thread count
     assert row["images_differing"] == 0 and row["max_abs_difference"] == 0.0
     assert re.search(r"^fgsm\s+[\d.]+\s+[\d.]+\s+[\d.]+x\s+True\s+\(0, 0\)$", proc.stdout, re.M)
+
+
+def test_batch_invariance_check_tells_invariant_ops_from_batch_dependent_ones(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import batch_invariance_check as check
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    import torch
+
+    x = torch.randn(64, 5)
+    assert check.agreement(torch.relu, x) == "Y" * check.MAX_PASS           # row by row: any pass size
+    assert check.agreement(lambda t: t - t.mean(dim=0), x) == "." * check.MAX_PASS  # depends on the others
+    out = tmp_path / "invariance.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "batch_invariance_check.py"), "--json",
+                           str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    names = [row["op"] for row in result["rows"]]
+    assert names[0] == "block0.conv" and names[-1] == "head" and len(names) == 5 + 2 * 4 + 1  # 5 convs, 4 ACMs
+    assert all(len(row["identical"]) == check.MAX_PASS for row in result["rows"])
+    assert result["agreeing_pass_sizes"] == [n for n in range(1, check.MAX_PASS + 1)
+                                             if all(row["identical"][n - 1] for row in result["rows"])]

@@ -124,7 +124,8 @@ def test_deployment_probes_security_and_resources():
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(container["resources"][kind])
     threads = int(_env(container)["PATHGUARD_TORCH_THREADS"]["value"])
-    assert threads <= float(container["resources"]["limits"]["cpu"])
+    workers = int(_env(container)["PATHGUARD_INFERENCE_WORKERS"]["value"])
+    assert workers * threads <= float(container["resources"]["limits"]["cpu"])  # no more threads than CPUs
 
 
 def test_termination_grace_covers_the_servers_drain():

@@ -610,20 +610,71 @@ def test_micro_batcher_coalesces_splits_orders_and_drains():
     assert all(len({int(v) // 10 for v in p}) == 1 for p in separate)
 
 
-def test_worker_threads_leave_the_event_loop_a_core(monkeypatch, tmp_path):
-    """The inference process gets torch's default threads less the one core
-    the event loop keeps (at least one); an explicit setting wins."""
+def test_micro_batcher_keeps_several_workers_busy_and_drains_them():
+    """With two workers: two batches are in flight at once, a lone request is
+    shared out between the free workers in whole pieces, every request's
+    results come back in its own order, and close() answers the batches in
+    flight before it returns."""
+    import threading
+
+    from pathguard.service.batching import MicroBatcher
+
+    passes: list[tuple[list[float], float, float]] = []
+    lock = threading.Lock()
+
+    def infer(images: torch.Tensor, include_path: bool) -> list[float]:
+        started = time.monotonic()
+        time.sleep(0.05)
+        with lock:
+            passes.append((images.flatten().tolist(), started, time.monotonic()))
+        return [float(v) * 10 for v in images.flatten()]
+
+    async def scenario():
+        batcher = MicroBatcher(infer, max_batch=16, max_wait_s=0.0, max_queue=64, workers=2, piece=4)
+        await batcher.start()
+        lone = torch.arange(0, 16, dtype=torch.float32)
+        lone_result = await batcher.submit(lone)
+        lone_passes = list(passes)
+        passes.clear()
+        requests = [torch.arange(100 * k, 100 * k + n, dtype=torch.float32) for k, n in enumerate((3, 9, 1, 16, 5), 1)]
+        pending = [asyncio.ensure_future(batcher.submit(r)) for r in requests]
+        await asyncio.sleep(0.01)
+        await batcher.close()  # the batches in flight and those queued are still answered
+        return lone, lone_result, lone_passes, requests, [p.result() for p in pending], list(passes)
+
+    lone, lone_result, lone_passes, requests, results, later = asyncio.run(scenario())
+    assert lone_result == [float(v) * 10 for v in lone]
+    # the lone request of 16 went to both workers, 8 images each (two pieces of 4), at the same time
+    assert sorted(len(images) for images, _, _ in lone_passes) == [8, 8]
+    (_, start_a, end_a), (_, start_b, end_b) = lone_passes
+    assert start_a < end_b and start_b < end_a, "the two halves did not run side by side"
+    for request, result in zip(requests, results):
+        assert result == [float(v) * 10 for v in request]
+    assert max(len(images) for images, _, _ in later) <= 16
+    overlapping = any(a[1] < b[2] and b[1] < a[2] for i, a in enumerate(later) for b in later[i + 1:])
+    assert overlapping, "no two batches were in flight at once"
+
+
+def test_inference_workers_and_threads_leave_the_event_loop_a_core(monkeypatch, tmp_path):
+    """One single-thread inference process per usable core (at most four);
+    their torch threads share torch's default less the one core the event
+    loop keeps (at least one each); explicit settings win."""
     from pathguard.service import state as service_state
     from pathguard.service.settings import Settings
 
     settings = Settings(bundle=tmp_path)
     monkeypatch.setattr(service_state, "usable_cpus", lambda: 2)
     monkeypatch.setattr(service_state.torch, "get_num_threads", lambda: 2)
-    assert service_state.worker_threads(settings) == 1
+    assert (service_state.inference_workers(settings), service_state.worker_threads(settings)) == (2, 1)
     monkeypatch.setattr(service_state, "usable_cpus", lambda: 1)
-    assert service_state.worker_threads(settings) == 1
+    assert (service_state.inference_workers(settings), service_state.worker_threads(settings)) == (1, 1)
     monkeypatch.setattr(service_state, "usable_cpus", lambda: 16)
-    assert service_state.worker_threads(settings) == 2  # torch's own default still bounds it
+    assert (service_state.inference_workers(settings), service_state.worker_threads(settings)) == (4, 1)
     monkeypatch.setattr(service_state.torch, "get_num_threads", lambda: 16)
-    assert service_state.worker_threads(settings) == 15
+    assert service_state.worker_threads(settings) == 3  # 15 cores left, shared by 4 workers
+    one = Settings(bundle=tmp_path, inference_workers=1)
+    assert (service_state.inference_workers(one), service_state.worker_threads(one)) == (1, 15)
     assert service_state.worker_threads(Settings(bundle=tmp_path, torch_threads=3)) == 3
+    assert service_state.inference_workers(Settings(bundle=tmp_path, inference_process=False)) == 1
+    with pytest.raises(ValueError, match="inference_workers > 1 needs inference_process"):
+        Settings(bundle=tmp_path, inference_process=False, inference_workers=2)

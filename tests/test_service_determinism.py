@@ -158,7 +158,8 @@ async def send_all(url: str, plans: list[tuple[str, list[int]]], images: torch.T
 def test_live_micro_batcher_answers_bit_identically(images, alone):
     from pathguard.service.settings import Settings
 
-    settings = Settings(bundle=DEFAULT_BUNDLE, batching=True, batch_size=64, batch_wait_ms=20, torch_threads=1)
+    settings = Settings(bundle=DEFAULT_BUNDLE, batching=True, batch_size=64, batch_wait_ms=20, torch_threads=1,
+                        inference_workers=2)  # two processes: which one answers must not matter either
     with LiveServer(settings) as live:
         for seed in (0, 1):
             plans = plan_requests(seed)
