@@ -15,7 +15,7 @@ import torch
 from pathguard.attacks.generate import generate_attack_set
 from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
 from pathguard.detector.data import load_dataset
-from pathguard.jobs.attack_pool import AttackPool, default_workers
+from pathguard.jobs.attack_pool import DEEPFOOL_PASSES_PER_STEP, AttackPool, attack_cost, default_workers
 
 # few steps: the point is the arithmetic, not the attack's strength
 STEPS = {"pgd": {"steps": 5}, "cw": {"steps": 5}, "deepfool": {"steps": 5}}
@@ -40,6 +40,11 @@ def test_two_workers_give_the_sets_this_process_gives(shipped):
     with AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=2, threads=1) as pool:
         pool.submit_all(tasks)
         from_workers = {key: pool.result(key) for key in reversed(list(tasks))}
+    # closed: a worker's finished set is still there (never silently made again here)
+    key = next(iter(tasks))
+    assert torch.equal(pool.result(key).adversarial, from_workers[key].adversarial)
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit_all({"late": tasks[key]})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the workers' count
     try:
@@ -74,6 +79,8 @@ def test_one_worker_runs_in_this_process_when_collected(shipped):
     with pytest.raises(ValueError, match="submitted twice"):
         pool.submit_all({key: tasks[key]})
     pool.close()
+    with pytest.raises(RuntimeError, match="closed: attack task .* was not run"):
+        pool.result(list(tasks)[1])  # a closed one-worker pool does not start an attack
 
 
 def test_costliest_tasks_go_first_and_bad_settings_are_refused(shipped):
@@ -85,6 +92,8 @@ def test_costliest_tasks_go_first_and_bad_settings_are_refused(shipped):
                      "cw": (images, labels, "cw", 0, None),
                      "pgd": (images, labels, "pgd", 0, None)})
     assert pool.order == ["cw", "pgd", "small-cw", "fgsm"]
+    with pytest.raises(ValueError, match="unknown attack 'pdg'"):
+        pool.submit_all({"typo": (images, labels, "pdg", 0, None)})
     with pytest.raises(ValueError, match="workers must be >= 1"):
         AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=0)
     assert default_workers(torch.device("cpu"), tasks=1) == 1
@@ -114,3 +123,15 @@ def test_an_error_stops_the_workers_without_waiting_for_their_attacks(shipped):
     for process in workers:
         process.join(timeout=30)
         assert not process.is_alive()
+
+
+def test_attack_costs_follow_the_presets_steps():
+    """The hand-out order comes from each preset's steps (and the overrides),
+    not from a copy of them."""
+    assert attack_cost("fgsm") == 1 and attack_cost("bim") == 10 and attack_cost("pgd-low") == 40
+    assert attack_cost("cw") == 100
+    assert attack_cost("deepfool") == 50 * DEEPFOOL_PASSES_PER_STEP
+    assert attack_cost("pgd", {"steps": 5}) == 5 and attack_cost("cw", {"steps": 7}) == 7
+    assert attack_cost("deepfool-bpda") == attack_cost("deepfool")  # a BPDA twin costs as its base
+    costs = [attack_cost(n) for n in ("cw", "deepfool", "pgd", "bim", "fgsm")]
+    assert costs == sorted(costs, reverse=True)
