@@ -449,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-upload-bytes", type=int, default=DEFAULT_MAX_UPLOAD,
                         help=f"server's PATHGUARD_MAX_UPLOAD_BYTES (default {DEFAULT_MAX_UPLOAD})")
     parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance against the offline scores")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (server and offline reference)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the offline reference and of each server worker (default: torch's "
+                             "own choice here; the server's own default)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="requests before the RSS baseline (default 2 x clients)")
     parser.add_argument("--seed", type=int, default=0)
@@ -481,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {Path(args.bundle).resolve()} (digest {digest[:12]}...); {len(pngs)} distinct images scored "
           f"offline")
 
-    server = ServerProcess(args.bundle, torch_threads=threads, max_upload_bytes=args.max_upload_bytes)
+    # the service's own defaults (inference workers, their threads) unless --threads is given
+    server = ServerProcess(args.bundle, torch_threads=args.threads, max_upload_bytes=args.max_upload_bytes)
     with server:
         limits = httpx.get(server.url + "/model", timeout=10).json()["limits"]
         print(f"server pid {server.pid} on {server.url}: max_images {limits['max_images']}, max_upload_bytes "

@@ -402,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for mode in args.batching:
             batching = mode == "on"
+            # one inference worker with the ceiling's threads: like for like
             server = ServerProcess(args.bundle, batching=batching, batch_size=args.batch_size,
-                                   torch_threads=threads)
+                                   torch_threads=threads, inference_workers=1)
             with server:
                 for clients in args.clients:
                     warmup = args.warmup if args.warmup is not None else 2 * clients
