@@ -230,18 +230,31 @@ class Server(ServerProcess):
         return self
 
 
+# A garbage collection longer than this counts as a stall in the summary.
+GC_STALL_S = 0.025
+
+
 def batch_counters(url: str) -> dict[str, float]:
     """The server's batch counters from /metrics (sums and counts of the
-    batch-size and inference-time histograms)."""
+    batch-size and inference-time histograms) and its garbage collections
+    (count, total time, and how many took longer than GC_STALL_S, over
+    every generation)."""
     import urllib.request
 
     names = ("pathguard_batch_size_sum", "pathguard_batch_size_count", "pathguard_inference_seconds_sum")
-    values = dict.fromkeys(names, 0.0)
+    values = dict.fromkeys(names + ("gc_count", "gc_seconds", "gc_within_stall"), 0.0)
+    stall_bucket = f'le="{GC_STALL_S}"'
     with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
-            name, _, value = line.partition(" ")
+            name, _, value = line.rpartition(" ")
             if name in values:
                 values[name] = float(value)
+            elif name.startswith("pathguard_gc_pause_seconds_count{"):
+                values["gc_count"] += float(value)
+            elif name.startswith("pathguard_gc_pause_seconds_sum{"):
+                values["gc_seconds"] += float(value)
+            elif name.startswith("pathguard_gc_pause_seconds_bucket{") and stall_bucket in name:
+                values["gc_within_stall"] += float(value)
     return values
 
 
@@ -251,8 +264,12 @@ def batch_summary(before: dict[str, float], after: dict[str, float], seconds: fl
     calls = after["pathguard_batch_size_count"] - before["pathguard_batch_size_count"]
     images = after["pathguard_batch_size_sum"] - before["pathguard_batch_size_sum"]
     busy = after["pathguard_inference_seconds_sum"] - before["pathguard_inference_seconds_sum"]
+    gc_count = after["gc_count"] - before["gc_count"]
+    stalls = gc_count - (after["gc_within_stall"] - before["gc_within_stall"])
     return {"calls": calls, "images_per_call": images / calls if calls else 0.0,
-            "ms_per_call": 1000 * busy / calls if calls else 0.0, "worker_busy": busy / seconds}
+            "ms_per_call": 1000 * busy / calls if calls else 0.0, "worker_busy": busy / seconds,
+            "gc_collections": gc_count, "gc_ms": 1000 * (after["gc_seconds"] - before["gc_seconds"]),
+            "gc_stalls": stalls}
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -433,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label}{name:<12} {connections:3d} conns: {r['requests_per_s']:8.1f} req/s, "
                       f"{r['images_per_s']:8.1f} images/s, p50 {r['p50_ms']:6.2f} ms, p99 {r['p99_ms']:6.2f} ms, "
                       f"{r['errors']} errors; {r['batches']['images_per_call']:.1f} images per inference call, "
-                      f"{r['batches']['ms_per_call']:.1f} ms each, workers busy {r['batches']['worker_busy']:.0%}",
-                      flush=True)
+                      f"{r['batches']['ms_per_call']:.1f} ms each, workers busy {r['batches']['worker_busy']:.0%}; "
+                      f"{r['batches']['gc_collections']:.0f} garbage collections, {r['batches']['gc_ms']:.0f} ms, "
+                      f"{r['batches']['gc_stalls']:.0f} over {GC_STALL_S * 1000:g} ms", flush=True)
         still_ok = all(server.proc.poll() is None for _, server, _ in servers)
         exit_status = max((server.stop() for _, server, _ in servers), key=abs)
     ceiling_after = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)

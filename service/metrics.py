@@ -10,6 +10,8 @@ in one process, e.g. in tests), and the ASGI middleware that counts requests.
     pathguard_queue_images                              images waiting for inference now
     pathguard_rejected_total{reason}                    503s: overloaded, timeout, shutting_down
     pathguard_model_info{digest,name,score}             the loaded bundle (value 1)
+    pathguard_gc_pause_seconds{generation}              the server process's garbage collections
+                                                        (histogram; each one stalls the event loop)
 
 Endpoint labels are the known routes; any other path counts as "other", so a
 client cannot blow up the label cardinality.
@@ -17,12 +19,14 @@ client cannot blow up the label cardinality.
 
 from __future__ import annotations
 
+import gc
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 KNOWN_ENDPOINTS = frozenset({"/detect", "/health", "/ready", "/model", "/metrics", "/docs", "/redoc",
                              "/openapi.json", "/docs/oauth2-redirect"})
+GC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -53,6 +57,24 @@ class ServiceMetrics:
         self.rejected = Counter("pathguard_rejected", "requests refused with 503", ("reason",), registry=r)
         self.model_info = Gauge("pathguard_model_info", "the loaded bundle", ("name", "digest", "score"),
                                 registry=r)
+        self.gc_pause = Histogram("pathguard_gc_pause_seconds", "garbage collections of the server process",
+                                  ("generation",), buckets=GC_BUCKETS, registry=r)
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started:
+            self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+
+    def watch_gc(self) -> None:
+        """Time this process's garbage collections (until ``unwatch_gc``)."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

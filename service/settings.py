@@ -26,6 +26,8 @@ environment variables (or passed explicitly), validated on construction.
                                   rather than on a thread of the server process
     PATHGUARD_INFERENCE_WORKERS   inference worker processes, each taking whole batches (default:
                                   one per usable core, at most 4; see service/state.py)
+    PATHGUARD_GC_FREEZE           freeze the start-up heap out of the garbage collector's reach
+                                  (default true; false only to measure what it saves)
     PATHGUARD_LOG_LEVEL           uvicorn / service log level
 """
 
@@ -81,6 +83,9 @@ class Settings(BaseSettings):
         None, ge=1, le=64,
         description="inference worker processes, each running whole batches side by side (default: one "
                     "per usable core, at most 4)")
+    gc_freeze: bool = Field(
+        True, description="after start-up, move the objects alive then (torch, the model, the app) out of the "
+                          "garbage collector's reach, in the server and in each worker (service/state.py)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @field_validator("expected_digest", mode="before")

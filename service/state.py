@@ -27,6 +27,7 @@ image's answer does not depend on which worker computed it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -104,15 +105,16 @@ async def load_inspector(settings: Settings) -> Inspector:
 
 _WORKER_INSPECTOR: Inspector | None = None
 _WORKER_BARRIER = None
+_WORKER_GC_FREEZE = True
 
 
 def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None,
-                 barrier=None) -> None:
+                 barrier=None, gc_freeze: bool = True) -> None:
     """In the inference process: load the bundle the server verified (the
     same digest, or refuse) and keep its inspector (and the barrier every
-    worker's warm-up meets at)."""
-    global _WORKER_INSPECTOR, _WORKER_BARRIER
-    _WORKER_BARRIER = barrier
+    worker's warm-up meets at, and whether it freezes its start-up heap)."""
+    global _WORKER_INSPECTOR, _WORKER_BARRIER, _WORKER_GC_FREEZE
+    _WORKER_BARRIER, _WORKER_GC_FREEZE = barrier, gc_freeze
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
@@ -128,15 +130,38 @@ def _worker_infer(images: np.ndarray, include_path: bool) -> list[Inspection]:
     return _WORKER_INSPECTOR.inspect(torch.from_numpy(images), include_path=include_path)
 
 
-def _worker_warm_up(images: np.ndarray) -> int:
-    """In each inference process once at start: one pass, then wait at the
-    barrier until every worker has made its own (so each of them takes
-    exactly one warm-up call, and a worker that cannot start fails the
-    start-up instead of the first requests).  Returns the worker's pid."""
+def _worker_warm_up(images: np.ndarray) -> tuple[int, int]:
+    """In each inference process once at start: one pass, the start-up heap
+    frozen (``freeze_startup_heap``), then wait at the barrier until every
+    worker has made its own (so each of them takes exactly one warm-up call,
+    and a worker that cannot start fails the start-up instead of the first
+    requests).  Returns the worker's pid and how many objects it froze."""
     _worker_infer(images, True)
+    frozen = freeze_startup_heap() if _WORKER_GC_FREEZE else 0
     if _WORKER_BARRIER is not None:
         _WORKER_BARRIER.wait(timeout=WARM_UP_TIMEOUT_S)
-    return os.getpid()
+    return os.getpid(), frozen
+
+
+def freeze_startup_heap() -> int:
+    """Collect once, then move every object alive now (torch, the model, the
+    app) out of the garbage collector's reach (``gc.freeze``); returns how
+    many objects are frozen.
+
+    A full (generation-2) collection walks every tracked object, and after
+    start-up there are a few hundred thousand of them, nearly all immortal in
+    practice.  Under 16 single-image connections the event loop met about
+    two such collections per 15 s, each over 25 ms (150-190 ms seen), every
+    request in flight waiting them out: that was the p99 latency.  With the
+    start-up heap frozen none took over 25 ms and the p99 halved
+    (``bench/bench_http.py --compare gc_freeze=false``, which prints the
+    server's collections from ``pathguard_gc_pause_seconds``;
+    service/README.md).  Objects made later are collected as usual; frozen
+    ones that become garbage are freed by their reference counts, only
+    cycles among them would stay.  ``Settings.gc_freeze`` switches it off."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _pack(images: torch.Tensor) -> np.ndarray:
@@ -179,7 +204,7 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         executor = ProcessPoolExecutor(
             max_workers=workers, mp_context=context, initializer=_worker_init,
             initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk,
-                      worker_threads(settings), context.Barrier(workers)))
+                      worker_threads(settings), context.Barrier(workers), settings.gc_freeze))
         infer, pack = _worker_infer, _pack
         warm_up, warm_up_args = _worker_warm_up, (np.zeros((1, *inspector.input_shape), dtype=np.float32),)
     else:
@@ -197,10 +222,13 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
     await batcher.start()
     try:
         # one warm-up per worker (each process meets the others at a barrier)
-        await asyncio.gather(*(batcher.run_in_worker(warm_up, *warm_up_args) for _ in range(workers)))
+        ready = await asyncio.gather(*(batcher.run_in_worker(warm_up, *warm_up_args) for _ in range(workers)))
     except Exception as exc:
         await batcher.close()
         raise BundleError(f"cannot serve bundle {settings.bundle}: warm-up pass failed: {exc}") from exc
+    if settings.inference_process:
+        log.info("inference workers ready: %s", ", ".join(f"pid {pid} ({frozen} start-up objects frozen)"
+                                                          for pid, frozen in ready))
     return batcher
 
 
@@ -224,6 +252,9 @@ async def load(state: ServiceState) -> None:
     state.model_info = model_info(inspector, settings)
     state.metrics.model_info.labels(inspector.bundle.path.name, inspector.bundle.digest, detector.name).set(1)
     state.batcher = await start_batcher(inspector, settings, state.metrics)
+    if settings.gc_freeze:
+        freeze_startup_heap()
+    state.metrics.watch_gc()
     state.ready = True
     log.info("serving bundle %s (digest %s..., score %s, threshold %.4g); %s; API key %s",
              inspector.bundle.path.name, inspector.bundle.digest[:12], detector.name,
@@ -234,6 +265,7 @@ async def drain(state: ServiceState) -> None:
     """Stop answering as ready and finish the images already queued."""
     state.ready = False
     state.draining = True
+    state.metrics.unwatch_gc()
     if state.batcher is None:
         return
     log.info("draining: finishing %d queued images", state.batcher.pending)

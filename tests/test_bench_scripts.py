@@ -128,6 +128,8 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
         assert table["npy-32"]["batches"]["images_per_call"] >= (32 if workers == 1 else 8)
         assert all(0 < table[n]["batches"]["ms_per_call"] and 0 < table[n]["batches"]["worker_busy"] <= 1.05 * workers
                    for n in table if n != "health")
+        assert all(table[n]["batches"]["gc_collections"] >= table[n]["batches"]["gc_stalls"] >= 0 for n in table)
+    assert sum(rows[n]["batches"]["gc_collections"] for n in rows) > 0  # the server's collections are counted
     # and the comparison: per scenario, the second server's figures as ratios to the first's
     assert "(compare / first)" in proc.stdout
     assert re.search(r"^npy-32\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", proc.stdout, re.M)
