@@ -3,9 +3,10 @@
 ``ServiceState`` (kept on ``app.state.pathguard``) holds the settings, the
 metrics and, once loaded, the inspector, the micro-batcher and the image
 spec.  ``lifespan(app)`` loads the bundle (its manifest verified first, and
-the pinned digest checked), starts the batcher, runs one warm-up pass on the
-inference worker and only then marks the state ready; on shutdown it marks
-it draining and lets the batcher finish what is queued.  A bundle that
+the pinned digest checked), starts the batcher, runs one warm-up pass on
+each inference worker, freezes the start-up heap (``freeze_startup_heap``)
+and only then marks the state ready; on shutdown it marks it draining and
+lets the batcher finish what is queued.  A bundle that
 cannot be served raises ``BundleError``, so the server does not start.
 
 Inference runs, by default (``inference_process``), in separate worker
