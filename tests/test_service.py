@@ -702,3 +702,34 @@ def test_the_start_up_heap_is_frozen_in_the_server_and_in_each_worker(server, bu
                              initargs=(str(bundle), digest, 8, 1)) as pool:
         pid, frozen = pool.submit(service_state._worker_warm_up, np.zeros((1, 1, 28, 28), np.float32)).result()
     assert pid != os.getpid() and frozen > 10_000
+
+
+def test_micro_batcher_with_two_workers_drops_timed_out_pieces_and_keeps_its_count():
+    """A request that times out while both workers are busy is never run, its
+    pieces leave the queue, and the pending count returns to zero."""
+    from pathguard.service.batching import InferenceTimeout, MicroBatcher
+
+    seen: list[float] = []
+
+    def infer(images: torch.Tensor, include_path: bool) -> list[float]:
+        time.sleep(0.2)
+        seen.extend(images.flatten().tolist())
+        return images.flatten().tolist()
+
+    async def scenario():
+        batcher = MicroBatcher(infer, max_batch=8, max_wait_s=0.0, max_queue=64, workers=2, piece=4)
+        await batcher.start()
+        busy = [asyncio.ensure_future(batcher.submit(torch.full((8,), float(k)))) for k in (1, 2)]
+        await asyncio.sleep(0.05)  # both workers now hold a batch for 0.2 s
+        with pytest.raises(InferenceTimeout):
+            await batcher.submit(torch.full((12,), 7.0), timeout=0.05)
+        done = await asyncio.gather(*busy)
+        after = await batcher.submit(torch.full((3,), 9.0))
+        pending = batcher.pending
+        await batcher.close()
+        return done, after, pending
+
+    done, after, pending = asyncio.run(scenario())
+    assert done == [[1.0] * 8, [2.0] * 8] and after == [9.0] * 3
+    assert 7.0 not in seen  # the timed-out request's pieces never reached a worker
+    assert pending == 0
