@@ -219,7 +219,9 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         infer, max_batch=settings.batch_size, max_wait_s=settings.batch_wait_s,
         max_queue=settings.queue_size, coalesce=settings.batching, retry_after=settings.retry_after_s,
         on_batch=metrics.observe_batch, executor=executor, pack=pack, workers=workers,
-        piece=min(inspector.chunk or settings.batch_size, settings.batch_size))
+        # pieces of one forward chunk, so free workers can share a request; without batching
+        # a request stays one call, as documented
+        piece=min(inspector.chunk or settings.batch_size, settings.batch_size) if settings.batching else None)
     await batcher.start()
     try:
         # one warm-up per worker (each process meets the others at a barrier)
