@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     shrunk = {C: fit_nonnegative_logistic(x, y, C, prior=1.0) for C in (0.001, 0.01)}
     detector = ChannelSupervisedDetector(seed=args.seed, channels_from=channels, guard_from=guard).fit(clean_fit,
                                                                                                           adv_fit)
+    # the guard reduced to the one channel the minimal attacks show in (the model's confidence)
+    confidence = make_detector("channels", channels=("confidence",), seed=args.seed).fit(train_batch)
+    confidence_guarded = ChannelSupervisedDetector(seed=args.seed, channels_from=channels,
+                                                   guard_from=confidence).fit(clean_fit, adv_fit)
     combiners = {
         "guard alone (the bundle's detector)": lambda b: guard.score_samples(b),
         "Fisher, all channels": lambda b: features(b).sum(1),
@@ -107,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         **{f"w >= 0, shrunk towards 1 (C = {C})": (lambda b, w=w, c=c: features(b) @ w + c)
            for C, (w, c) in shrunk.items()},
         "channels-supervised (w >= 0, min-p with the guard)": lambda b: detector.score_samples(b),
+        "w >= 0, min-p with the confidence channel alone": lambda b: confidence_guarded.score_samples(b),
     }
     rows = {}
     print(f"validation images only: {len(clean_fit)} clean + {len(adv_fit)} adversarial (FGSM, PGD) for training; "
