@@ -19,8 +19,9 @@ How many workers, and how many torch threads each (``inference_workers``,
 ``worker_threads``): one single-thread worker per usable core, at most
 ``MAX_DEFAULT_WORKERS``.  Every pass has ``forward_chunk`` images, and a
 pass of 8 gains little from a second intra-op thread, while two
-single-thread processes running whole passes side by side answer about
-twice as many images per second (``bench/bench_http.py``, service/README.md).
+single-thread processes running whole passes side by side answered 1.6-2.3x
+the images/s of one on 32-image requests and 1.2-1.3x on single images
+(``bench/bench_http.py --compare inference_workers=1``, service/README.md).
 Every worker computes the same passes with the same thread count, so an
 image's answer does not depend on which worker computed it.
 """
@@ -196,9 +197,9 @@ def worker_threads(settings: Settings) -> int | None:
 
 
 async def start_batcher(inspector: Inspector, settings: Settings, metrics: ServiceMetrics) -> MicroBatcher:
-    """A running batcher around ``inspector.inspect``, in a worker process or
-    on a worker thread (``settings.inference_process``), warmed up by one
-    forward pass there (closed again if that fails)."""
+    """A running batcher around ``inspector.inspect``, in worker processes or
+    on a worker thread (``settings.inference_process``), each worker warmed
+    up by one forward pass (the batcher closed again if one fails)."""
     workers = inference_workers(settings)
     if settings.inference_process:
         context = multiprocessing.get_context("spawn")
