@@ -51,6 +51,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
+from pathguard.detector.devices import usable_cpus  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BOUNDARY = "pathguard-bench-boundary-7d1f0c"
@@ -317,10 +318,8 @@ def measure_ceiling(inspector, images: torch.Tensor, batch: int, seconds: float,
 # ------------------------------------------------------------------ main
 
 def machine_info(threads: int) -> dict:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
+    # the cores the service itself counts as usable (affinity mask, cgroup CPU quota)
+    affinity = usable_cpus()
     cpu_model = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
