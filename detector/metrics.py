@@ -40,3 +40,26 @@ def roc_points(neg, pos) -> tuple[np.ndarray, np.ndarray]:
     scores, labels = _check(neg, pos)
     fprs, tprs, _ = roc_curve(labels, scores)
     return fprs, tprs
+
+
+def auroc_standard_error(auroc: float, positives: int, negatives: int) -> float:
+    """Standard error of an AUROC measured on ``positives`` and ``negatives``
+    independent scores (Hanley & McNeil 1982, Radiology 143: exponential
+    approximation of the two pair-wise variance terms).  It needs only the
+    figures a report keeps, so two reports on different samples, e.g. two
+    models' evaluations, can be compared without their raw scores."""
+    if not 0.0 <= auroc <= 1.0:
+        raise ValueError(f"auroc must be in [0, 1], got {auroc}")
+    if positives < 1 or negatives < 1:
+        raise ValueError("an AUROC needs at least one positive and one negative")
+    a = float(auroc)
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    variance = (a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)) / (positives * negatives)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
+def proportion_standard_error(rate: float, n: int) -> float:
+    """Binomial standard error of a rate measured on ``n`` independent trials."""
+    if not 0.0 <= rate <= 1.0 or n < 1:
+        raise ValueError(f"need a rate in [0, 1] and n >= 1, got {rate}, {n}")
+    return float(np.sqrt(rate * (1.0 - rate) / n))
