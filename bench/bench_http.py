@@ -18,7 +18,12 @@ In the same run it measures the in-process ceiling: ``Inspector.inspect`` on
 batches of ``--batch-size`` (64) images in one forward pass each (no chunks:
 the fastest the model scores in-process), with torch's own number of threads
 here (``--ceiling-threads``), before and after the HTTP scenarios (the larger
-counts; both are printed, so drift from other load shows).  The server runs
+counts; both are printed, so drift from other load shows).  Each batch
+scenario also gets a ceiling of its own minutes, measured just before and
+just after it, and its images/s as a ratio to their mean: this VM's speed
+drifts by up to 2x over minutes.  The targets are judged against the
+run-wide ceiling, the stricter yardstick; the adjacent ratio is printed
+beside it.  The server runs
 with its own default settings unless ``--threads`` or ``--set`` say otherwise.  The table gives, per scenario,
 requests/s, images/s, p50 and p99 latency (wrk's histogram), the ratio of its
 requests/s to GET /health's requests/s of the same run, and its images/s as a
@@ -51,6 +56,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -318,6 +324,8 @@ def add_ratios(rows: dict, ceiling: float) -> None:
     for row in rows.values():
         row["health_ratio"] = row["requests_per_s"] / health_rps if health_rps else float("nan")
         row["ceiling_ratio"] = row["images_per_s"] / ceiling if row["images_per_request"] else None
+        if "ceiling_adjacent" in row:
+            row["ceiling_ratio_adjacent"] = row["images_per_s"] / row["ceiling_adjacent"]["images_per_s"]
 
 
 def print_table(rows: dict) -> None:
@@ -350,9 +358,11 @@ def targets(rows: dict, ceiling: float) -> list[dict]:
     for name in ("json-32", "npy-32"):
         row = rows.get(name)
         if row:
+            # judged against the run-wide ceiling (the stricter yardstick); the adjacent one is shown beside it
             out.append({"target": f"{name}: images/s >= {TARGET_BATCH_RATIO:.0%} of the in-process ceiling",
                         "value": row["ceiling_ratio"], "limit": TARGET_BATCH_RATIO,
-                        "met": row["ceiling_ratio"] >= TARGET_BATCH_RATIO})
+                        "met": row["ceiling_ratio"] >= TARGET_BATCH_RATIO,
+                        "value_adjacent_ceiling": row.get("ceiling_ratio_adjacent")})
     for name in ("json-1-c1", "octet-1-c1"):
         row = rows.get(name)
         if row:
@@ -444,6 +454,11 @@ def main(argv: list[str] | None = None) -> int:
                 files[-1].write_bytes(body)
             connections = 1 if scenario.single_connection else (
                 args.batch_connections if scenario.images > 1 else args.connections)
+            # A batch scenario also gets its own ceiling, measured just before and just after it (the
+            # servers idle): this VM's speed drifts by up to 2x over minutes, so the ceiling of the same
+            # minutes is the fair yardstick beside the run-wide one.
+            near = [measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)] \
+                if scenario.images > 1 else None
             for label, server, table in servers:
                 check_bodies(server.url, scenario, bodies)
                 table[name] = r = measure_scenario(wrk, server, scenario, files, connections, args)
@@ -453,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['batches']['ms_per_call']:.1f} ms each, workers busy {r['batches']['worker_busy']:.0%}; "
                       f"{r['batches']['gc_collections']:.0f} garbage collections, {r['batches']['gc_ms']:.0f} ms, "
                       f"{r['batches']['gc_stalls']:.0f} over {GC_STALL_S * 1000:g} ms", flush=True)
+            if near is not None:
+                near.append(measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds))
+                adjacent = {"images_per_s": statistics.mean(c["images_per_s"] for c in near),
+                            "before": near[0]["images_per_s"], "after": near[1]["images_per_s"]}
+                for _, _, table in servers:
+                    table[name]["ceiling_adjacent"] = adjacent
         still_ok = all(server.proc.poll() is None for _, server, _ in servers)
         exit_status = max((server.stop() for _, server, _ in servers), key=abs)
     ceiling_after = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)
@@ -468,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     print("/health = req/s as a ratio to GET /health req/s of this run; /ceiling = images/s as a ratio to the "
           "in-process ceiling; server = CPU cores the server used")
+    for row in rows.values():
+        if "ceiling_adjacent" in row:
+            near = row["ceiling_adjacent"]
+            print(f"{row['scenario']}: ceiling just before / after it {near['before']:.1f} / {near['after']:.1f} "
+                  f"images/s; images/s as a ratio to their mean: {row['ceiling_ratio_adjacent']:.3f}")
     if compare is not None:
         print()
         print(f"compare: the same scenarios, interleaved, on a server with {' '.join(args.compare)}:")
@@ -482,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("targets:")
     for check in checks:
-        print(f"  {'met   ' if check['met'] else 'MISSED'} {check['target']}: {check['value']:.3f}")
+        beside = check.get("value_adjacent_ceiling")
+        beside = f" (against the ceiling measured around it: {beside:.3f})" if beside is not None else ""
+        print(f"  {'met   ' if check['met'] else 'MISSED'} {check['target']}: {check['value']:.3f}{beside}")
     if busy:
         print(f"note: {len(busy)} other pathguard job(s) were running: figures are noisy")
     elif info["loadavg"][0] > 0.5 * (info["usable_cpus"] or 1):

@@ -113,6 +113,13 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
         else:
             assert row["images_per_s"] == pytest.approx(row["requests_per_s"] * row["images_per_request"])
             assert row["ceiling_ratio"] == pytest.approx(row["images_per_s"] / ceiling)
+        # a batch scenario's own ceiling, measured just before and after it
+        if name in ("json-32", "npy-32"):
+            near = row["ceiling_adjacent"]
+            assert near["images_per_s"] == pytest.approx((near["before"] + near["after"]) / 2) and near["after"] > 0
+            assert row["ceiling_ratio_adjacent"] == pytest.approx(row["images_per_s"] / near["images_per_s"])
+        else:
+            assert "ceiling_adjacent" not in row
     assert rows["json-1-c1"]["connections"] == 1 and rows["json-32"]["connections"] == 2
     # Batch statistics from the server's /metrics: health runs no inference; a lone
     # client's requests are one image per inference call; with one worker a
@@ -141,7 +148,11 @@ def test_bench_http_prints_each_figure_as_a_ratio(bench_bundle, tmp_path):
     assert {name for name, *_ in table} == set(rows)
     assert all(errors == "0" for _, _, _, errors, _, _ in table)
     assert "ceiling" in proc.stdout and "targets:" in proc.stdout
-    assert re.search(r"^  (met   |MISSED) json-32: images/s >= 70% of the in-process ceiling", proc.stdout, re.M)
+    assert re.search(r"^  (met   |MISSED) json-32: images/s >= 70% of the in-process ceiling: \d+\.\d{3} "
+                     r"\(against the ceiling measured around it: \d+\.\d{3}\)$", proc.stdout, re.M)
+    batch_targets = [t for t in result["targets"] if t["target"].startswith(("json-32", "npy-32"))]
+    assert len(batch_targets) == 2
+    assert all(t["met"] == (t["value"] >= 0.70) and t["value_adjacent_ceiling"] > 0 for t in batch_targets)
 
 
 def test_bench_forward_compares_the_pools_and_checks_their_bits(tmp_path):
@@ -192,3 +203,16 @@ def test_batch_invariance_check_tells_invariant_ops_from_batch_dependent_ones(tm
     assert all(len(row["identical"]) == check.MAX_PASS for row in result["rows"])
     assert result["agreeing_pass_sizes"] == [n for n in range(1, check.MAX_PASS + 1)
                                              if all(row["identical"][n - 1] for row in result["rows"])]
+
+
+def test_bench_bundles_times_two_bundles_side_by_side(bench_bundle, tmp_path):
+    out = tmp_path / "bundles.json"
+    proc = run_script("bench_bundles.py", "--bundles", str(bench_bundle), str(REPO_ROOT / "bundles" / "fmnist-default"),
+                      "--passes", "1", "8", "--repeats", "3", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["images_per_pass"] for row in result["rows"]] == [1, 8]
+    for row in result["rows"]:
+        a, b = row["ms_per_pass"]["a"], row["ms_per_pass"]["b"]
+        assert a > 0 and b > 0 and row["ratio_b_over_a"] == pytest.approx(b / a)
+    assert re.search(r"^\s+8\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", proc.stdout, re.M)
