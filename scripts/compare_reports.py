@@ -8,9 +8,11 @@ also keeps figures, not raw scores.  So noise is judged from the figures:
 
 - AUROC: Hanley & McNeil's standard error from the AUROC and the numbers of
   positives and negatives (``detector.metrics.auroc_standard_error``);
-- TPR at 5% FPR, natural-OOD flag rate, clean false-positive rate: binomial
-  standard errors (the threshold's own sampling error is left out, so these
-  intervals are slightly too narrow: the verdict errs towards "worse").
+- TPR at 5% FPR, natural-OOD flag rate, clean false-positive rate and, where
+  ``adaptive.json`` lies beside both reports, the detector-aware attacker's
+  undetected success rate per setting: binomial standard errors (the
+  threshold's own sampling error is left out, so these intervals are
+  slightly too narrow: the verdict errs towards "worse").
 
 A difference counts as beyond noise when it exceeds ``z`` standard errors of
 the difference (independent samples: the two errors add in quadrature);
@@ -77,9 +79,34 @@ def compare_reports(baseline: dict, candidate: dict, detector: str = "path", z: 
                      proportion_standard_error(fb, baseline["clean"]["all_test_images"]),
                      proportion_standard_error(fc, candidate["clean"]["all_test_images"]), z,
                      larger_is_better=False))
+    rows += adaptive_rows(baseline.get("adaptive"), candidate.get("adaptive"), z)
     worse = [r["what"] for r in rows if r["verdict"] == "worse"]
     return {"detector": detector, "z": z, "rows": rows, "worse_beyond_noise": worse,
             "no_worse": not worse}
+
+
+def adaptive_rows(baseline: dict | None, candidate: dict | None, z: float) -> list[dict]:
+    """The detector-aware attacker (``adaptive.json``): undetected success rate
+    per setting both sweeps ran (smaller is better; binomial errors)."""
+    if not baseline or not candidate:
+        return []
+
+    def key(row):
+        return row["variant"], row["eps"], row["lambda"], row["mimic"]
+
+    theirs = {key(row): row for row in candidate["settings"]}
+    rows = []
+    for b in baseline["settings"]:
+        c = theirs.get(key(b))
+        if c is None:
+            continue
+        what = f"adaptive {b['variant']}, eps {b['eps']:g}, lambda {b['lambda']:g}" + (
+            f", mimic {b['mimic']:g}" if b["mimic"] else "") + ": undetected success"
+        rows.append(_row(what, b["undetected_success_rate"], c["undetected_success_rate"],
+                         proportion_standard_error(b["undetected_success_rate"], b["images"]),
+                         proportion_standard_error(c["undetected_success_rate"], c["images"]), z,
+                         larger_is_better=False))
+    return rows
 
 
 def to_markdown(result: dict, baseline_name: str, candidate_name: str) -> str:
@@ -105,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     baseline, candidate = (json.loads(p.read_text()) for p in (args.baseline, args.candidate))
+    # the adaptive sweep (`pathguard adaptive`) writes adaptive.json beside report.json
+    for path, report in ((args.baseline, baseline), (args.candidate, candidate)):
+        if (path.parent / "adaptive.json").exists():
+            report["adaptive"] = json.loads((path.parent / "adaptive.json").read_text())
     for name, report in (("baseline", baseline), ("candidate", candidate)):
         if args.detector not in next(iter(report["attacks"].values()))["detectors"]:
             parser.error(f"the {name} report has no detector {args.detector!r}")

@@ -95,3 +95,26 @@ def test_main_writes_the_table_and_exits_1_when_worse(tmp_path, capsys):
     assert module.main([str(base), str(base)]) == 0
     with pytest.raises(SystemExit):
         module.main([str(base), str(cand), "--detector", "nope"])
+
+
+def test_the_adaptive_sweep_beside_the_reports_is_compared_too(tmp_path):
+    module = _script()
+
+    def sweep(rate):
+        return {"settings": [{"variant": "detector-aware PGD", "eps": 0.1, "lambda": 10.0, "mimic": 0.0,
+                              "images": 300, "undetected_success_rate": rate},
+                             {"variant": "detector-aware PGD", "eps": 0.03, "lambda": 0.0, "mimic": 0.0,
+                              "images": 300, "undetected_success_rate": 0.60}]}
+
+    for name, rate in (("base", 0.80), ("cand", 0.95)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(_report(0.93, 0.55)))
+        (tmp_path / name / "adaptive.json").write_text(json.dumps(sweep(rate)))
+    out = tmp_path / "cmp.json"
+    assert module.main([str(tmp_path / "base" / "report.json"), str(tmp_path / "cand" / "report.json"),
+                        "--json", str(out)]) == 1
+    result = json.loads(out.read_text())
+    # more undetected successes is worse; the unchanged setting is noise
+    assert result["worse_beyond_noise"] == ["adaptive detector-aware PGD, eps 0.1, lambda 10: undetected success"]
+    rows = {r["what"]: r for r in result["rows"]}
+    assert rows["adaptive detector-aware PGD, eps 0.03, lambda 0: undetected success"]["verdict"] == "within noise"
