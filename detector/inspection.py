@@ -16,20 +16,40 @@ forward pass and the scoring in chunks of exactly ``chunk`` images (default
 then has one shape, and an image's row is computed the same way wherever it
 sits in the chunk and whatever shares it (tests/test_service_determinism.py
 checks this bit for bit).  The padding costs at most ``chunk - 1`` images'
-worth of compute per call.  ``chunk=None`` runs the whole batch in one pass
+worth of compute per call (less with the smaller passes below).  ``chunk=None`` runs the whole batch in one pass
 (the answers then depend, in the last bits, on the batch's size).  The
 images are also made contiguous (N, C, H, W) first: the convolutions also
 choose their algorithm by the input's memory layout, so the same pixels in a
 channels-last-strided tensor would otherwise be answered differently.
+
+**Smaller passes for a few images, where they are proven to give the same
+bits.**  A lone image padded to a pass of 8 pays eight images' compute.
+On this machine's torch build only the small matrix products (the
+architecture controlling modules, the head) change their bits below 6 rows
+(``scripts/batch_invariance_check.py``), so the inspector's copy of the
+model computes every ``nn.Linear`` on at least ``chunk`` rows (padded, a
+few microseconds) and leaves the rest of the pass at its real size.  Which
+smaller pass sizes then reproduce the pass of ``chunk`` bit for bit is not
+assumed but measured where the inspector runs (``pass_sizes``): at the first
+partial pass, 2 x ``chunk`` seeded probe images are answered in passes of
+every size 1..chunk - 1 (each probe at several positions) and compared with
+one pass of ``chunk`` in every figure of the answer; a size that differs in
+any bit is never used.  Kernels choose their algorithm by the shapes (and
+the thread count, which is part of the cache key), not by the values, so a
+size that agrees on the probes computes every image the same way.  A partial
+pass of n images then runs at the smallest verified size >= n
+(``small_passes=False`` always pads to ``chunk``).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .bundle import DEFAULT_BUNDLE, Bundle, load_bundle, load_detector
 from .paths import split_layers
@@ -39,6 +59,43 @@ from .scores import PathScore
 # quickly (a lone image costs a pass over ``DEFAULT_CHUNK`` images), large
 # enough that a big batch loses little to the per-pass overhead.
 DEFAULT_CHUNK = 8
+# Seeded probe images of the pass-size check (``Inspector.pass_sizes``).
+PROBE_SEED = 20240917
+
+
+class RowPaddedLinear(nn.Module):
+    """``linear`` computed on at least ``rows`` rows: fewer are padded with
+    zero rows and the padding's outputs dropped, so the matrix product has
+    one shape for every pass of up to ``rows`` images (module docstring).
+    """
+
+    def __init__(self, linear: nn.Linear, rows: int) -> None:
+        super().__init__()
+        self.linear, self.rows = linear, rows
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n >= self.rows:
+            return self.linear(x)
+        return self.linear(torch.cat([x, x.new_zeros((self.rows - n, *x.shape[1:]))]))[:n]
+
+
+def pad_linear_rows(model: nn.Module, rows: int) -> nn.Module:
+    """A copy of ``model`` whose every ``nn.Linear`` is a ``RowPaddedLinear``."""
+    padded = copy.deepcopy(model)
+    for parent in list(padded.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, RowPaddedLinear(child, rows))
+    return padded
 
 
 @dataclass
@@ -59,20 +116,71 @@ class Inspection:
 
 
 class Inspector:
-    def __init__(self, bundle: Bundle, detector: PathScore, chunk: int | None = DEFAULT_CHUNK) -> None:
+    def __init__(self, bundle: Bundle, detector: PathScore, chunk: int | None = DEFAULT_CHUNK,
+                 small_passes: bool = True) -> None:
         if detector.threshold_ is None:
             raise ValueError("the bundle's detector has no threshold; run `pathguard fit`")
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1 or None, not {chunk}")
         self.bundle = bundle
         self.detector = detector
-        self.model = bundle.decoupled.eval()
         self.chunk = chunk
+        self.small_passes = bool(small_passes and chunk is not None and chunk > 1)
+        model = bundle.decoupled.eval()
+        # the matrix products on at least `chunk` rows in every pass (module docstring)
+        self.model = pad_linear_rows(model, chunk).eval() if self.small_passes else model
+        self._pass_sizes: dict[tuple, list[int]] = {}
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_BUNDLE, chunk: int | None = DEFAULT_CHUNK) -> "Inspector":
+    def load(cls, path: str | Path = DEFAULT_BUNDLE, chunk: int | None = DEFAULT_CHUNK,
+             small_passes: bool = True) -> "Inspector":
         bundle = load_bundle(path)
-        return cls(bundle, load_detector(bundle), chunk=chunk)
+        return cls(bundle, load_detector(bundle), chunk=chunk, small_passes=small_passes)
+
+    def pass_sizes(self) -> list[int]:
+        """The pass sizes this inspector uses, ascending, ``chunk`` last:
+        those smaller than ``chunk`` that answer every probe image bit for bit
+        as a pass of ``chunk`` does, on this device and thread count
+        (measured once per both; module docstring)."""
+        if self.chunk is None:
+            return []
+        if not self.small_passes:
+            return [self.chunk]
+        key = (str(next(self.model.parameters()).device), torch.get_num_threads())
+        if key not in self._pass_sizes:
+            self._pass_sizes[key] = self._verify_pass_sizes()
+        return self._pass_sizes[key]
+
+    @torch.inference_mode()
+    def _verify_pass_sizes(self) -> list[int]:
+        chunk = self.chunk
+        generator = torch.Generator().manual_seed(PROBE_SEED)
+        probes = torch.rand((2 * chunk, *self.input_shape), generator=generator)
+        # half of them smooth (blurred noise), closer to images than white noise is
+        probes[chunk:] = torch.nn.functional.avg_pool2d(probes[chunk:], 5, stride=1, padding=2,
+                                                        count_include_pad=False)
+        probes = probes.to(next(self.model.parameters()).device)
+        reference = [_figures(a) for start in range(0, len(probes), chunk)
+                     for a in self._inspect_chunk(probes[start:start + chunk], chunk, True)]
+        sizes = []
+        for size in range(1, chunk):
+            answers = []
+            # every probe answered in a pass of `size`, the padded last one included,
+            # at two different positions (offset 0 and a shifted grouping)
+            for offset in (0, size // 2):
+                order = torch.roll(torch.arange(len(probes)), -offset)
+                got = [None] * len(probes)
+                for start in range(0, len(probes), size):
+                    rows = order[start:start + size]
+                    part = probes[rows]
+                    if len(part) < size:
+                        part = torch.cat([part, part.new_zeros((size - len(part), *part.shape[1:]))])
+                    for row, answer in zip(rows.tolist(), self._inspect_chunk(part, len(rows), True)):
+                        got[row] = _figures(answer)
+                answers.append(got)
+            if all(got == reference for got in answers):
+                sizes.append(size)
+        return sizes + [chunk]
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -104,8 +212,9 @@ class Inspector:
         for start in range(0, n, size):
             part = images[start:start + size]
             rows = len(part)
-            if rows < size:  # pad with black images to the one shape every pass has
-                part = torch.cat([part, part.new_zeros((size - rows, *part.shape[1:]))])
+            if rows < size:  # pad with black images to a pass size of the same bits
+                width = min(s for s in self.pass_sizes() if s >= rows)
+                part = torch.cat([part, part.new_zeros((width - rows, *part.shape[1:]))])
             out += self._inspect_chunk(part, rows, include_path)
         return out
 
@@ -139,3 +248,14 @@ class Inspector:
             score=scores_[i], threshold=threshold, layer_deviations=deviations_[i], active_fraction=active_[i],
             layer_paths=[layer[i] for layer in paths_] if paths_ is not None else None, evidence=evidence[i],
         ) for i, c in enumerate(predicted_)]
+
+
+def _figures(answer: Inspection) -> tuple:
+    """Every figure of an answer, for the bit-for-bit comparison of pass sizes."""
+    evidence = answer.evidence or {}
+    p_values = evidence.get("p_values") or {}
+    return (answer.predicted_class, answer.confidence, answer.adversarial, answer.score,
+            tuple(answer.layer_deviations), answer.active_fraction,
+            tuple(tuple(layer) for layer in answer.layer_paths or ()),
+            evidence.get("most_deviating"), tuple(evidence.get("layer_classes") or ()),
+            tuple(sorted(p_values.items())))

@@ -1,17 +1,20 @@
 """Which pass sizes give an image the same bits as a pass of 64, op by op.
 
-The service computes every forward pass on exactly ``forward_chunk`` images
+The service computes every forward pass on at most ``forward_chunk`` images
 (padded) so that an image's answer does not depend on what shares its batch
-(pathguard.detector.inspection).  A lone image therefore pays a pass of 8.
-This check shows why a smaller pass for a lone image is not an option: for
-each of the shipped model's convolutions and small matrix products (the
-architecture controlling modules, the head) at this machine's torch build,
-it computes 48 random inputs in passes of n = 1..16 and says, per n, whether
-every output is bit-identical to the same inputs in one pass of 64 ("Y") or
-not (".").  On the project's 2-core x86-64 VM (torch 2.13 CPU, oneDNN and
-MKL) the convolutions agree for every n >= 2 but not n = 1, and the 128-wide
-matrix products only from n = 6: the kernels pick their algorithm by the
-batch's size, so only a fixed pass size guarantees the bits on any machine.
+(pathguard.detector.inspection).  This check shows where a smaller pass can
+keep the bits: for each of the shipped model's convolutions and small matrix
+products (the architecture controlling modules, the head) at this machine's
+torch build, it computes 48 random inputs in passes of n = 1..16 and says,
+per n, whether every output is bit-identical to the same inputs in one pass
+of 64 ("Y") or not (".").  On the project's 2-core x86-64 VM (torch 2.13
+CPU, oneDNN and MKL) the convolutions agree for every n >= 2 but not n = 1,
+and the 128-wide matrix products only from n = 6: the kernels pick their
+algorithm by the batch's size.  Hence the inspector computes every matrix
+product on at least ``forward_chunk`` rows (padded) and lets the rest of a
+pass shrink to the smallest size it measures, where it runs, to give the
+same bits as a full pass (``Inspector.pass_sizes``: here 2, so a lone image
+pays a pass of 2, not 8).
 
     .venv/bin/python scripts/batch_invariance_check.py [--threads 1] [--json out.json]
 """

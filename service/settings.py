@@ -72,6 +72,10 @@ class Settings(BaseSettings):
         DEFAULT_CHUNK, ge=0, le=4096,
         description="images per forward pass, padded: an image's answer is then bit-identical whatever "
                     "shares its batch (pathguard.detector.inspection); 0 = the whole batch in one pass")
+    small_passes: bool = Field(
+        True, description="answer a few images in a smaller pass than forward_chunk where that pass is "
+                          "measured at start-up to give the same bits (pathguard.detector.inspection); false = "
+                          "always a padded pass of forward_chunk")
     inference_timeout_s: float = Field(10.0, gt=0, le=3600, description="per-request time limit")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")
 

@@ -91,7 +91,8 @@ def _check_provenance(inspector: Inspector, settings: Settings) -> None:
 async def load_inspector(settings: Settings) -> Inspector:
     """The bundle's inspector, verified, pinned and of a servable input shape."""
     try:
-        inspector = await run_in_threadpool(Inspector.load, settings.bundle, settings.forward_chunk or None)
+        inspector = await run_in_threadpool(Inspector.load, settings.bundle, settings.forward_chunk or None,
+                                            settings.small_passes)
         _check_provenance(inspector, settings)
     except (ArtifactError, ValueError, OSError) as exc:
         message = f"cannot serve bundle {settings.bundle}: {exc}"
@@ -111,7 +112,7 @@ _WORKER_GC_FREEZE = True
 
 
 def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None,
-                 barrier=None, gc_freeze: bool = True) -> None:
+                 barrier=None, gc_freeze: bool = True, small_passes: bool = True) -> None:
     """In the inference process: load the bundle the server verified (the
     same digest, or refuse) and keep its inspector (and the barrier every
     worker's warm-up meets at, and whether it freezes its start-up heap)."""
@@ -120,7 +121,7 @@ def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
-    inspector = Inspector.load(bundle, chunk)
+    inspector = Inspector.load(bundle, chunk, small_passes)
     if inspector.bundle.digest != digest:
         raise ArtifactError(f"{bundle}: digest changed under the server ({inspector.bundle.digest} is not "
                             f"{digest})")
@@ -137,12 +138,14 @@ def _worker_warm_up(images: np.ndarray) -> tuple[int, int]:
     frozen (``freeze_startup_heap``), then wait at the barrier until every
     worker has made its own (so each of them takes exactly one warm-up call,
     and a worker that cannot start fails the start-up instead of the first
-    requests).  Returns the worker's pid and how many objects it froze."""
+    requests).  The warm-up's lone image also measures which pass sizes give
+    the same bits (``Inspector.pass_sizes``).  Returns the worker's pid, how
+    many objects it froze and its pass sizes."""
     _worker_infer(images, True)
     frozen = freeze_startup_heap() if _WORKER_GC_FREEZE else 0
     if _WORKER_BARRIER is not None:
         _WORKER_BARRIER.wait(timeout=WARM_UP_TIMEOUT_S)
-    return os.getpid(), frozen
+    return os.getpid(), frozen, _WORKER_INSPECTOR.pass_sizes()
 
 
 def freeze_startup_heap() -> int:
@@ -206,7 +209,8 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         executor = ProcessPoolExecutor(
             max_workers=workers, mp_context=context, initializer=_worker_init,
             initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk,
-                      worker_threads(settings), context.Barrier(workers), settings.gc_freeze))
+                      worker_threads(settings), context.Barrier(workers), settings.gc_freeze,
+                      inspector.small_passes))
         infer, pack = _worker_infer, _pack
         warm_up, warm_up_args = _worker_warm_up, (np.zeros((1, *inspector.input_shape), dtype=np.float32),)
     else:
@@ -231,8 +235,10 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         await batcher.close()
         raise BundleError(f"cannot serve bundle {settings.bundle}: warm-up pass failed: {exc}") from exc
     if settings.inference_process:
-        log.info("inference workers ready: %s", ", ".join(f"pid {pid} ({frozen} start-up objects frozen)"
-                                                          for pid, frozen in ready))
+        log.info("inference workers ready: %s", ", ".join(
+            f"pid {pid} ({frozen} start-up objects frozen; passes of {sizes} images)" for pid, frozen, sizes in ready))
+    else:
+        log.info("inference ready: passes of %s images", inspector.pass_sizes())
     return batcher
 
 

@@ -700,8 +700,9 @@ def test_the_start_up_heap_is_frozen_in_the_server_and_in_each_worker(server, bu
     digest = load_bundle(bundle).digest
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=service_state._worker_init,
                              initargs=(str(bundle), digest, 8, 1)) as pool:
-        pid, frozen = pool.submit(service_state._worker_warm_up, np.zeros((1, 1, 28, 28), np.float32)).result()
+        pid, frozen, sizes = pool.submit(service_state._worker_warm_up, np.zeros((1, 1, 28, 28), np.float32)).result()
     assert pid != os.getpid() and frozen > 10_000
+    assert sizes[-1] == 8  # the worker measured its pass sizes during the warm-up, the full pass last
 
 
 def test_micro_batcher_with_two_workers_drops_timed_out_pieces_and_keeps_its_count():

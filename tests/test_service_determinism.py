@@ -14,7 +14,11 @@ test images and the shipped bundle: each image alone, inside one batch of
 the live service's micro-batcher under concurrent requests of mixed sizes and
 body types (JSON, multipart, octet-stream file, .npy), coalesced with each
 other.  Every figure of the answer is compared: score, flag, class,
-confidence, layer deviations and active fraction.
+confidence, layer deviations, active fraction and the channels' p-values.
+A lone image and a short batch run in a smaller pass where that is measured
+to give the same bits (``Inspector.pass_sizes``); checked here against an
+inspector that always pads to the full pass, and with a pass size made to
+differ in one bit, which must then never be used.
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ N = 64
 
 
 def figures(ins: Inspection) -> tuple:
+    p_values = (ins.evidence or {}).get("p_values") or {}
     return (ins.score, ins.adversarial, ins.predicted_class, ins.confidence, tuple(ins.layer_deviations),
-            ins.active_fraction)
+            ins.active_fraction, tuple(sorted(p_values.items())))
 
 
 def answer_figures(result: dict) -> tuple:
+    p_values = (result.get("evidence") or {}).get("p_values") or {}
     return (result["score"], result["adversarial"], result["predicted_class"], result["confidence"],
-            tuple(result["layer_deviations"]), result["active_fraction"])
+            tuple(result["layer_deviations"]), result["active_fraction"], tuple(sorted(p_values.items())))
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,57 @@ def test_other_batch_sizes_and_repeats_agree(inspector, images, alone):
             for k, ins in zip(part, inspector.inspect(images[part])):
                 assert figures(ins) == alone[k], f"image {k} differs inside a batch of {len(part)}"
     assert [figures(ins) for ins in inspector.inspect(images[:8])] == alone[:8]
+
+
+def test_small_passes_give_the_bits_of_full_passes(inspector, images, alone):
+    # A lone image or a short batch runs in the smallest pass size measured to give the same bits as
+    # a full pass (pathguard.detector.inspection); against an inspector that always pads to the full
+    # chunk, every figure of every answer is the same, alone and in short batches.
+    padded = Inspector.load(DEFAULT_BUNDLE, small_passes=False)
+    assert padded.pass_sizes() == [padded.chunk]
+    assert inspector.pass_sizes()[-1] == inspector.chunk
+    full = [figures(padded.inspect(images[i:i + 1])[0]) for i in range(N)]
+    assert full == alone
+    for size in (2, 3, 5):
+        got = [figures(ins) for start in range(0, N, size) for ins in inspector.inspect(images[start:start + size])]
+        assert got == full, f"batches of {size} differ from full passes"
+
+
+def test_a_pass_size_that_changes_a_bit_is_never_used(monkeypatch):
+    inspector = Inspector.load(DEFAULT_BUNDLE)
+    real = Inspector._inspect_chunk
+
+    def off_by_a_bit_at_3(self, part, rows, include_path):
+        answers = real(self, part, rows, include_path)
+        if len(part) == 3:  # as if a kernel added in another order for passes of 3
+            for answer in answers:
+                answer.score = float(np.nextafter(answer.score, np.inf))
+        return answers
+
+    monkeypatch.setattr(Inspector, "_inspect_chunk", off_by_a_bit_at_3)
+    sizes = inspector.pass_sizes()
+    assert 3 not in sizes and sizes[-1] == inspector.chunk
+    calls = []
+    monkeypatch.setattr(Inspector, "_inspect_chunk",
+                        lambda self, part, rows, include_path: calls.append(len(part)) or real(self, part, rows,
+                                                                                               include_path))
+    inspector.inspect(torch.zeros((3, 1, 28, 28)))
+    assert calls == [min(s for s in sizes if s >= 3)] and calls[0] != 3
+
+
+def test_row_padded_linear_computes_what_the_linear_does():
+    from pathguard.detector.inspection import RowPaddedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 4)
+    padded = RowPaddedLinear(linear, rows=8)
+    x = torch.randn(3, 16)
+    out = padded(x)
+    assert out.shape == (3, 4) and (padded.in_features, padded.out_features) == (16, 4)
+    assert torch.equal(out, linear(torch.cat([x, torch.zeros(5, 16)]))[:3])
+    torch.testing.assert_close(out, linear(x))
+    wide = torch.randn(9, 16)
+    assert torch.equal(padded(wide), linear(wide))
 
 
 def test_the_memory_layout_of_the_input_does_not_matter(inspector, images, alone):
