@@ -31,9 +31,9 @@ model computes every ``nn.Linear`` on at least ``chunk`` rows (padded, a
 few microseconds) and leaves the rest of the pass at its real size.  Which
 smaller pass sizes then reproduce the pass of ``chunk`` bit for bit is not
 assumed but measured where the inspector runs (``pass_sizes``): at the first
-partial pass, 2 x ``chunk`` seeded probe images are answered in passes of
-every size 1..chunk - 1 (each probe at several positions) and compared with
-one pass of ``chunk`` in every figure of the answer; a size that differs in
+partial pass, ``chunk`` seeded probe images are answered in passes of every
+size 1..chunk - 1 (each probe at two positions) and compared with one pass
+of ``chunk`` in every figure of the answer; a size that differs in
 any bit is never used.  Kernels choose their algorithm by the shapes (and
 the thread count, which is part of the cache key), not by the values, so a
 size that agrees on the probes computes every image the same way.  A partial
@@ -155,10 +155,11 @@ class Inspector:
     def _verify_pass_sizes(self) -> list[int]:
         chunk = self.chunk
         generator = torch.Generator().manual_seed(PROBE_SEED)
-        probes = torch.rand((2 * chunk, *self.input_shape), generator=generator)
+        probes = torch.rand((chunk, *self.input_shape), generator=generator)
         # half of them smooth (blurred noise), closer to images than white noise is
-        probes[chunk:] = torch.nn.functional.avg_pool2d(probes[chunk:], 5, stride=1, padding=2,
-                                                        count_include_pad=False)
+        half = chunk // 2
+        probes[half:] = torch.nn.functional.avg_pool2d(probes[half:], 5, stride=1, padding=2,
+                                                       count_include_pad=False)
         probes = probes.to(next(self.model.parameters()).device)
         reference = [_figures(a) for start in range(0, len(probes), chunk)
                      for a in self._inspect_chunk(probes[start:start + chunk], chunk, True)]
@@ -167,7 +168,7 @@ class Inspector:
             answers = []
             # every probe answered in a pass of `size`, the padded last one included,
             # at two different positions (offset 0 and a shifted grouping)
-            for offset in (0, size // 2):
+            for offset in sorted({0, size // 2}):
                 order = torch.roll(torch.arange(len(probes)), -offset)
                 got = [None] * len(probes)
                 for start in range(0, len(probes), size):

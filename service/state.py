@@ -59,6 +59,11 @@ log = logging.getLogger("pathguard.service")
 # the model and torch (about 300 MB); beyond a few, batches of single-image
 # traffic are too small to keep more busy.
 MAX_DEFAULT_WORKERS = 4
+# The unit in which queued images are shared out between free workers: a
+# forward chunk larger than this must not let one worker take a whole short
+# queue (with forward_chunk=16 and pieces of 16, 16 single-image connections
+# kept one of two workers idle: 0.80x the requests/s, reports/bench/http-chunk16.txt).
+SHARE_PIECE = 8
 # How long a worker's warm-up waits for the others to load the bundle.
 WARM_UP_TIMEOUT_S = 300.0
 
@@ -224,9 +229,9 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         infer, max_batch=settings.batch_size, max_wait_s=settings.batch_wait_s,
         max_queue=settings.queue_size, coalesce=settings.batching, retry_after=settings.retry_after_s,
         on_batch=metrics.observe_batch, executor=executor, pack=pack, workers=workers,
-        # pieces of one forward chunk, so free workers can share a request; without batching
-        # a request stays one call, as documented
-        piece=min(inspector.chunk or settings.batch_size, settings.batch_size) if settings.batching else None)
+        # pieces of at most SHARE_PIECE images (one forward chunk if smaller), so free workers can
+        # share a request; without batching a request stays one call, as documented
+        piece=min(inspector.chunk or SHARE_PIECE, SHARE_PIECE, settings.batch_size) if settings.batching else None)
     await batcher.start()
     try:
         # one warm-up per worker (each process meets the others at a barrier)
