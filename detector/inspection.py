@@ -11,13 +11,14 @@ with it the order in which they add, by the shape of the whole batch: the
 same image scored alone and inside a batch of 64 differed in its float32
 logits (up to ~5e-6) and in its score (up to ~5e-5), so near the threshold
 a flag could depend on what else was sent.  ``inspect`` therefore runs the
-forward pass and the scoring in chunks of exactly ``chunk`` images (default
+forward pass and the scoring in chunks of ``chunk`` images (default
 ``DEFAULT_CHUNK``), the last one padded with black images; every computation
 then has one shape, and an image's row is computed the same way wherever it
 sits in the chunk and whatever shares it (tests/test_service_determinism.py
 checks this bit for bit).  The padding costs at most ``chunk - 1`` images'
-worth of compute per call (less with the smaller passes below).  ``chunk=None`` runs the whole batch in one pass
-(the answers then depend, in the last bits, on the batch's size).  The
+worth of compute per call (less with the smaller passes below).
+``chunk=None`` runs the whole batch in one pass (the answers then depend,
+in the last bits, on the batch's size).  The
 images are also made contiguous (N, C, H, W) first: the convolutions also
 choose their algorithm by the input's memory layout, so the same pixels in a
 channels-last-strided tensor would otherwise be answered differently.

@@ -5,8 +5,8 @@ order of their additions, by the batch's shape: before the fix the same image
 scored alone and inside a batch differed in its last bits (its score by up to
 ~1e-5 here), so near the threshold its flag could depend on the traffic
 around it.  ``Inspector`` now runs every forward pass and the scoring on
-exactly ``chunk`` images (the last chunk padded) in one memory layout, so
-every computation has one shape.
+``chunk`` images (the last chunk padded) in one memory layout, so every
+computation has one shape.
 
 Checked bit for bit (==, not approximately) on the first 64 Fashion-MNIST
 test images and the shipped bundle: each image alone, inside one batch of
