@@ -1,9 +1,10 @@
 """Every detector of the library, registered in ``DETECTORS`` by name.
 
 Importing this module registers the path scores, the supervised path
-detectors (path-supervised; channels-supervised, on detector v2's channels) and the baselines (max-softmax, mahalanobis, lid, energy,
+detectors (path-supervised; channels-supervised, on detector v2's
+channels) and the baselines (max-softmax, mahalanobis, lid, energy,
 mahalanobis-multi, knn, nic) and detector v2's channel scores
-(provenance.py: class-evidence, provenance, path-knn, fusion,
+(provenance.py: class-evidence, provenance, path-knn, fusion, fusion-path,
 fusion-fisher); ``make_detector(name, **params)`` builds one and
 ``Detector.from_saved`` reloads any of them.
 """
@@ -24,6 +25,7 @@ from .provenance import (
     ChannelScore,
     ClassEvidenceScore,
     FusionFisherScore,
+    FusionPathScore,
     FusionScore,
     PathKNNScore,
     ProvenanceScore,
@@ -39,7 +41,7 @@ PATH_SCORES = tuple(name for name, cls in DETECTORS.items()
 
 __all__ = [
     "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "ChannelScore", "ChannelSupervisedDetector", "ClassEvidenceScore",
-    "Detector", "Energy",
-    "FusionFisherScore", "FusionScore", "Mahalanobis", "MaxSoftmax", "MultiLayerMahalanobis", "NotFittedError",
+    "Detector", "Energy", "FusionFisherScore", "FusionPathScore", "FusionScore", "Mahalanobis", "MaxSoftmax",
+    "MultiLayerMahalanobis", "NotFittedError",
     "PathKNNScore", "PathScore", "ProvenanceScore", "SupervisedPathDetector", "make_detector", "register",
 ]

@@ -41,7 +41,7 @@ from pathguard.jobs.data import data_spec, train_validation
 from pathguard.jobs.fit import validation_splits
 
 RULE_ATTACKS = ("fgsm", "pgd", "cw")
-REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-fisher")
+REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-fisher")
 
 
 def all_channels(n_blocks: int, n_gated: int) -> tuple[str, ...]:

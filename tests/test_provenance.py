@@ -227,7 +227,13 @@ def test_default_channels_follow_the_model():
     assert provenance.channels_ == ("value:block0", "value:block1", "value:block2", "value:gates0", "value:gates1",
                                     "agreement:block0+block1", "agreement:block1+block2")
     assert make_detector("path-knn", max_fit=400, k=5).fit(batch).channels_ == ("knn:block0+block1+block2",)
-    assert {"class-evidence", "provenance", "path-knn", "fusion", "fusion-fisher"} <= set(PATH_SCORES)
+    assert {"class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-fisher"} <= set(PATH_SCORES)
+    with_path = make_detector("fusion-path", max_fit=400).fit(batch)
+    assert with_path.channels_ == ("value:block0", "confidence", "path") and with_path.combine == "min-p"
+    # min-p: the most deviating of its channels decides, so it is the smallest p-value's -log
+    head = batch.subset(torch.arange(20))
+    log_p = with_path.channel_log_p(head)
+    np.testing.assert_allclose(with_path.score_samples(head), -log_p.min(1).values.numpy())
 
 
 def test_bad_channels_and_missing_blocks_are_refused_clearly():
