@@ -10,7 +10,8 @@ seed 0).  Each channel model depends on its own layer only and every
 channel shares the same fit and reference rows, so a combination of
 channels is computed exactly from the per-channel p-values: Fisher
 (-2 sum log p) and min-p (-log min p), as a ``channels`` detector with
-those channels alone would score them.
+those channels alone would score them (scripts/channel_validation.py,
+shared with scripts/fusion_validation_check.py).
 
 Printed and written (``--output``, JSON): AUROC per attack (successful
 examples against their clean originals) of every channel, of every pair
@@ -25,20 +26,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
-import torch
-from pathguard.attacks.generate import generate_attack_set
-from pathguard.detector.bundle import load_bundle
 from pathguard.detector.detectors import make_detector
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import observe
-from pathguard.detector.provenance import ChannelScore
-from pathguard.jobs.data import data_spec, train_validation
-from pathguard.jobs.fit import validation_splits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channel_validation import combine, fit_on_validation  # noqa: E402
 
 RULE_ATTACKS = ("fgsm", "pgd", "cw")
 REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-fisher")
@@ -53,10 +52,6 @@ def all_channels(n_blocks: int, n_gated: int) -> tuple[str, ...]:
             "knn:" + "+".join(blocks), "confidence", "path")
 
 
-def combine(log_p: np.ndarray, rule: str) -> np.ndarray:
-    return -2 * log_p.sum(1) if rule == "fisher" else -log_p.min(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default="bundles/fmnist-default")
@@ -67,29 +62,11 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     started = time.time()
-    torch.manual_seed(args.seed)
-    bundle = load_bundle(args.bundle)
-    model = bundle.decoupled
-    train, val = train_validation(bundle, data_spec(bundle))
-    pool, _, notes = validation_splits(model, val, args.n, args.seed)
-    for note in notes:
-        print(f"note: {note}")
-    train_batch = observe(model, train.images, labels=train.labels, blocks=True)
-    channels = all_channels(len(train_batch.blocks), len(train_batch.widths))
-    detector = ChannelScore(channels=channels, seed=args.seed).fit(train_batch)
-    del train_batch
+    fitted = fit_on_validation(args.bundle, None, args.n, args.seed, model_channels=all_channels)
+    bundle, model, pool, channels = fitted.bundle, fitted.bundle.decoupled, fitted.pool, fitted.detector.channels_
     print(f"fitted {len(channels)} channels in {time.time() - started:.0f} s")
-
-    def log_p(images: torch.Tensor) -> np.ndarray:
-        return detector.channel_log_p(observe(model, images, blocks=True)).numpy()
-
-    clean = log_p(pool.images)
-    attacked = {}
-    for attack in args.attacks:
-        aset = generate_attack_set(model, pool.images, pool.labels, attack, seed=args.seed, progress=False)
-        ok = aset.success.numpy()
-        attacked[attack] = (ok, log_p(aset.adversarial[ok]))
-        print(f"{attack}: {int(ok.sum())} of {len(ok)} successful")
+    clean = fitted.log_p(pool.images)
+    attacked = fitted.attacked(args.attacks)
 
     def aurocs(columns: list[int], rule: str) -> dict:
         neg = combine(clean[:, columns], rule)

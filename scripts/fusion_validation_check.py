@@ -21,8 +21,8 @@ labels, the same seed), on the validation part only (never the test split):
   over all groups, and the clean pool's flag rate.
 
 Every channel set shares one fit and one reference, so the combinations are
-computed from the per-channel p-values, as scripts/detector_v2_ablation.py
-does.
+computed from the per-channel p-values (scripts/channel_validation.py, shared
+with scripts/detector_v2_ablation.py).
 
     python scripts/fusion_validation_check.py --bundle bundles/fmnist-vgg7-candidate \\
         [--sets "min-p:confidence,value:block0" "min-p:confidence,path,value:block0"] [--output out.json]
@@ -32,19 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from pathguard.attacks.generate import generate_attack_set
-from pathguard.detector.bundle import load_bundle
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.natural import natural_ood
-from pathguard.detector.paths import observe
-from pathguard.detector.provenance import ChannelScore
-from pathguard.jobs.data import data_spec, train_validation
-from pathguard.jobs.fit import validation_splits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channel_validation import combine, fit_on_validation  # noqa: E402
 
 DEFAULT_SETS = ("min-p:confidence,value:block0", "min-p:confidence,path,value:block0",
                 "fisher:confidence,path,value:block0", "min-p:path")
@@ -59,10 +56,6 @@ def parse_set(spec: str) -> tuple[str, list[str]]:
     return rule, channels.split(",")
 
 
-def combine(log_p: np.ndarray, rule: str) -> np.ndarray:
-    return -2 * log_p.sum(1) if rule == "fisher" else -log_p.min(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default="bundles/fmnist-default")
@@ -74,31 +67,15 @@ def main() -> None:
     args = parser.parse_args()
     sets = {spec: parse_set(spec) for spec in args.sets}
     started = time.time()
-    torch.manual_seed(args.seed)
-    bundle = load_bundle(args.bundle)
-    model = bundle.decoupled
-    train, val = train_validation(bundle, data_spec(bundle))
-    pool, calibration, notes = validation_splits(model, val, args.n, args.seed)
-    for note in notes:
-        print(f"note: {note}")
     channels = tuple(sorted({c for _, chans in sets.values() for c in chans}))
-    detector = ChannelScore(channels=channels, seed=args.seed).fit(
-        observe(model, train.images, labels=train.labels, blocks=True))
-    index = {c: i for i, c in enumerate(detector.channels_)}
+    fitted = fit_on_validation(args.bundle, channels, args.n, args.seed)
+    bundle, pool, calibration = fitted.bundle, fitted.pool, fitted.calibration
+    index = {c: i for i, c in enumerate(fitted.detector.channels_)}
     print(f"fitted {channels} in {time.time() - started:.0f} s")
-
-    def log_p(images: torch.Tensor) -> np.ndarray:
-        return detector.channel_log_p(observe(model, images, blocks=True)).numpy()
-
-    calib, clean = log_p(calibration.images), log_p(pool.images)
-    attacked = {}
-    for attack in args.attacks:
-        aset = generate_attack_set(model, pool.images, pool.labels, attack, seed=args.seed, progress=False)
-        ok = aset.success.numpy()
-        attacked[attack] = (ok, log_p(aset.adversarial[ok]))
-        print(f"{attack}: {int(ok.sum())} of {len(ok)} successful")
+    calib, clean = fitted.log_p(calibration.images), fitted.log_p(pool.images)
+    attacked = fitted.attacked(args.attacks)
     natural = natural_ood(pool.images, seed=args.seed)
-    natural_log_p = {group: log_p(images) for group, images in natural.groups.items()}
+    natural_log_p = {group: fitted.log_p(images) for group, images in natural.groups.items()}
 
     rows = {}
     for spec, (rule, chans) in sets.items():
