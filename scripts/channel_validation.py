@@ -11,7 +11,9 @@ those channels alone would score them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,3 +74,11 @@ def fit_on_validation(bundle_path: str, channels: tuple[str, ...] | None, n: int
         channels = model_channels(len(train_batch.blocks), len(train_batch.widths))
     detector = ChannelScore(channels=channels, seed=seed).fit(train_batch)
     return ValidationChannels(bundle, pool, calibration, detector, seed)
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """``result`` as indented JSON at ``path`` (its folder made), if given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written to {path}")

@@ -25,7 +25,6 @@ channel sets, sorted by the mean over FGSM, PGD and CW (the rule of
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from itertools import combinations
@@ -37,7 +36,7 @@ from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import observe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from channel_validation import combine, fit_on_validation  # noqa: E402
+from channel_validation import combine, fit_on_validation, write_json  # noqa: E402
 
 RULE_ATTACKS = ("fgsm", "pgd", "cw")
 REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-fisher")
@@ -102,10 +101,7 @@ def main() -> None:
               "successes": {a: int(ok.sum()) for a, (ok, _) in attacked.items()}, "seed": args.seed,
               "rule": f"mean AUROC over {list(RULE_ATTACKS)}", "best_single_channel_per_attack": best_per_attack,
               "rows": dict(ordered), "wall_seconds": time.time() - started}
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written to {args.output}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ with scripts/detector_v2_ablation.py).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.natural import natural_ood
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from channel_validation import combine, fit_on_validation  # noqa: E402
+from channel_validation import combine, fit_on_validation, write_json  # noqa: E402
 
 DEFAULT_SETS = ("min-p:confidence,value:block0", "min-p:confidence,path,value:block0",
                 "fisher:confidence,path,value:block0", "min-p:path")
@@ -100,10 +99,7 @@ def main() -> None:
               "calibration_images": len(calibration), "seed": args.seed, "target_fpr": TARGET_FPR,
               "successes": {a: int(ok.sum()) for a, (ok, _) in attacked.items()}, "rows": rows,
               "wall_seconds": time.time() - started}
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written to {args.output}")
+    write_json(args.output, result)
 
 
 if __name__ == "__main__":
