@@ -64,6 +64,12 @@ DEFAULT_CHUNK = 8
 PROBE_SEED = 20240917
 
 
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` rows (black images, for
+    a batch of pixels)."""
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))]) if len(x) < rows else x
+
+
 class RowPaddedLinear(nn.Module):
     """``linear`` computed on at least ``rows`` rows: fewer are padded with
     zero rows and the padding's outputs dropped, so the matrix product has
@@ -83,10 +89,7 @@ class RowPaddedLinear(nn.Module):
         return self.linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n >= self.rows:
-            return self.linear(x)
-        return self.linear(torch.cat([x, x.new_zeros((self.rows - n, *x.shape[1:]))]))[:n]
+        return self.linear(pad_rows(x, self.rows))[:len(x)]
 
 
 def pad_linear_rows(model: nn.Module, rows: int) -> nn.Module:
@@ -162,8 +165,7 @@ class Inspector:
         probes[half:] = torch.nn.functional.avg_pool2d(probes[half:], 5, stride=1, padding=2,
                                                        count_include_pad=False)
         probes = probes.to(next(self.model.parameters()).device)
-        reference = [_figures(a) for start in range(0, len(probes), chunk)
-                     for a in self._inspect_chunk(probes[start:start + chunk], chunk, True)]
+        reference = [_figures(a) for a in self._inspect_chunk(probes, chunk, True)]
         sizes = []
         for size in range(1, chunk):
             answers = []
@@ -174,9 +176,7 @@ class Inspector:
                 got = [None] * len(probes)
                 for start in range(0, len(probes), size):
                     rows = order[start:start + size]
-                    part = probes[rows]
-                    if len(part) < size:
-                        part = torch.cat([part, part.new_zeros((size - len(part), *part.shape[1:]))])
+                    part = pad_rows(probes[rows], size)
                     for row, answer in zip(rows.tolist(), self._inspect_chunk(part, len(rows), True)):
                         got[row] = _figures(answer)
                 answers.append(got)
@@ -215,8 +215,7 @@ class Inspector:
             part = images[start:start + size]
             rows = len(part)
             if rows < size:  # pad with black images to a pass size of the same bits
-                width = min(s for s in self.pass_sizes() if s >= rows)
-                part = torch.cat([part, part.new_zeros((width - rows, *part.shape[1:]))])
+                part = pad_rows(part, min(s for s in self.pass_sizes() if s >= rows))
             out += self._inspect_chunk(part, rows, include_path)
         return out
 
