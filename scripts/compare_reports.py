@@ -18,7 +18,7 @@ A difference counts as beyond noise when it exceeds ``z`` standard errors of
 the difference (independent samples: the two errors add in quadrature);
 ``z`` = 1.96 by default, i.e. a two-sided 95% interval per comparison.
 
-    .venv/bin/python scripts/compare_reports.py reports/default/report.json \
+    .venv/bin/python scripts/compare_reports.py reports/vgg-small/report.json \
         reports/vgg7-candidate/report.json --markdown reports/vgg7-candidate/comparison.md
 """
 

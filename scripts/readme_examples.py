@@ -183,6 +183,21 @@ def _pack(items: list[str], indent: str, width: int = 100) -> list[str]:
     return [indent + text for text in lines + [line]]
 
 
+def _entries(mapping: dict, indent: str, width: int = 100) -> list[str]:
+    """``"key": value`` items for _pack; a list too long for one line is
+    split into its elements (_pack's ", " is also JSON's list separator)."""
+    items = []
+    for key, value in mapping.items():
+        item = f"{json.dumps(key)}: {json.dumps(value)}"
+        if isinstance(value, list) and len(value) > 1 and len(indent) + len(item) + 1 > width:
+            parts = [json.dumps(v) for v in value]
+            parts[0], parts[-1] = f"{json.dumps(key)}: [{parts[0]}", parts[-1] + "]"
+            items += parts
+        else:
+            items.append(item)
+    return items
+
+
 def format_json(answer: dict) -> str:
     """A /detect answer as the README shows it: floats rounded to DIGITS
     decimals, one result per block of lines."""
@@ -190,11 +205,11 @@ def format_json(answer: dict) -> str:
     out = ['{"results": [']
     for i, result in enumerate(answer["results"]):
         flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
-        lines = _pack([f"{json.dumps(k)}: {json.dumps(v)}" for k, v in flat.items()], "   ")
+        lines = _pack(_entries(flat, "   "), "   ")
         lines[0] = "  {" + lines[0][3:]
         for key, nested in ((k, v) for k, v in result.items() if isinstance(v, dict)):  # e.g. evidence
             lines[-1] += ","
-            inner = _pack([f"{json.dumps(k)}: {json.dumps(v)}" for k, v in nested.items()], "    ")
+            inner = _pack(_entries(nested, "    "), "    ")
             lines += [f"   {json.dumps(key)}: {{"] + inner
             lines[-1] += "}"
         lines[-1] += "}" + ("," if i < len(answer["results"]) - 1 else "")

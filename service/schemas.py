@@ -25,11 +25,12 @@ EXAMPLE_DETECT_REQUEST = {"images": [{"data": EXAMPLE_PNG_BASE64, "filename": EX
                           "resize": False, "resize_mode": "pad", "include_path": False}
 # The shipped bundle's answer for it (rounded), for the response examples.
 EXAMPLE_RESULT = {"index": 0, "filename": EXAMPLE_FILENAME, "predicted_class": 6, "label": "Shirt",
-                  "confidence": 0.99498, "adversarial": False, "score": 0.35601, "threshold": 3.44169,
-                  "layer_deviations": [0.04688, 0.0, 0.0, 0.0], "active_fraction": 0.95312, "resized": False,
+                  "confidence": 0.99675, "adversarial": False, "score": 0.68905, "threshold": 3.81635,
+                  "layer_deviations": [0.06452, 0.07087, 0.0, 0.10241, 0.22917, 0.10853],
+                  "active_fraction": 0.52665, "resized": False,
                   "evidence": {"most_deviating": "confidence",
-                               "layer_classes": ["Pullover", "Pullover", "Pullover", "Pullover"],
-                               "p_values": {"value:block0": 0.72948, "confidence": 0.70046},
+                               "layer_classes": ["Pullover", "Pullover", "Pullover", "Shirt", "Shirt", "Shirt"],
+                               "p_values": {"value:block0": 0.83423, "confidence": 0.50206, "path": 0.75329},
                                "early_class": "Pullover"}}
 
 ResizeMode = Literal["pad", "crop", "stretch"]  # images.RESIZE_MODES
@@ -154,7 +155,7 @@ class ReadyResponse(BaseModel):
 
 
 class DetectorInfo(BaseModel):
-    score: str = Field(..., examples=["layer-gauss-conf"])
+    score: str = Field(..., examples=["fusion-path"])
     threshold: float
     target_fpr: float = Field(..., examples=[0.05])
 
@@ -176,7 +177,7 @@ class BatchingInfo(BaseModel):
 class ModelInfo(BaseModel):
     name: str = Field(..., description="bundle directory name", examples=["fmnist-default"])
     digest: str
-    architecture: str = Field(..., examples=["vgg-small"])
+    architecture: str = Field(..., examples=["vgg7"])
     classes: list[str]
     input_shape: list[int] = Field(..., description="channels, height, width", examples=[[1, 28, 28]])
     gated_widths: list[int]

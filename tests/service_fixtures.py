@@ -42,8 +42,10 @@ def build_service_bundle(root: Path) -> Path:
         from pathguard.detector.paths import extract_paths
         from pathguard.jobs.train import Config, train
 
+        # vgg-small without distillation: a quick bundle (the default recipe is vgg7)
         path = train(Config(output=str(root / "bundle"), epochs_plain=1, epochs_decoupled=1,
-                            limit_train=2000, limit_test=300, progress=False))
+                            limit_train=2000, limit_test=300, progress=False, architecture="vgg-small",
+                            distill_weight=0.0))
         bundle = load_bundle(path)
         train_set = load_dataset("fashion-mnist", "train")
         model = bundle.decoupled

@@ -199,7 +199,11 @@ def test_batch_invariance_check_tells_invariant_ops_from_batch_dependent_ones(tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     names = [row["op"] for row in result["rows"]]
-    assert names[0] == "block0.conv" and names[-1] == "head" and len(names) == 5 + 2 * 4 + 1  # 5 convs, 4 ACMs
+    from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
+
+    gated = len(load_bundle(DEFAULT_BUNDLE).decoupled.gated_widths)  # 6 on vgg7
+    # the ungated first conv, each gated conv with its ACM's two linears, the head
+    assert names[0] == "block0.conv" and names[-1] == "head" and len(names) == 1 + 3 * gated + 1
     assert all(len(row["identical"]) == check.MAX_PASS for row in result["rows"])
     assert result["agreeing_pass_sizes"] == [n for n in range(1, check.MAX_PASS + 1)
                                              if all(row["identical"][n - 1] for row in result["rows"])]

@@ -255,3 +255,34 @@ def test_tensors_and_json_helpers(tmp_path):
         atomic_write_json(tmp_path / "nan.json", {"x": float("nan")})
     assert not (tmp_path / "nan.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "t.safetensors"]
+
+
+def test_release_0_1_profile_loads_as_the_same_detector(bundle_dir):
+    """A version-1 profile (release 0.1: the score by name, one-class tensors
+    named per score) loads through the upgrade path as the registered score
+    it was, giving the same scores and threshold as the version-2 file."""
+    from pathguard.detector.bundle import DETECTOR_CONFIG, DETECTOR_TENSORS, load_detector, save_detector
+    from pathguard.detector.detectors import make_detector
+    from pathguard.detector.paths import observe
+
+    path, decoupled, _ = bundle_dir
+    g = torch.Generator().manual_seed(0)
+    fit_batch, calibration, probe = (observe(decoupled, torch.rand(n, 1, 28, 28, generator=g)) for n in (200, 100, 50))
+    detector = make_detector("layer-gauss-conf").fit(fit_batch)
+    detector.calibrate(calibration)
+    save_detector(path, detector)
+    v2 = load_detector(load_bundle(path))
+
+    config, tensors = read_json(path / DETECTOR_CONFIG), load_tensors(path / DETECTOR_TENSORS)
+    assert {"one_class.location", "one_class.precision"} <= set(tensors)
+    v1_tensors = {(k.replace("one_class.", "one_class.layer-gauss-conf.") if k.startswith("one_class.") else k): v
+                  for k, v in tensors.items()}
+    atomic_save_tensors(path / DETECTOR_TENSORS, v1_tensors)
+    atomic_write_json(path / DETECTOR_CONFIG, {"version": 1, "score": "layer-gauss-conf",
+                                               "target_fpr": config["params"]["target_fpr"],
+                                               "smoothing": config["params"]["smoothing"],
+                                               "threshold": config["threshold"]})
+    write_manifest(path)
+    v1 = load_detector(load_bundle(path))
+    assert v1.name == "layer-gauss-conf" and v1.threshold_ == v2.threshold_
+    assert torch.equal(torch.as_tensor(v1.score_samples(probe)), torch.as_tensor(v2.score_samples(probe)))

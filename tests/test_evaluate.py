@@ -16,9 +16,13 @@ from pathguard.cli import main
 def fitted_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "bundle"
     # 600 validation images: enough for a calibration split of >= 250 correctly classified ones
-    assert main(["train", "--output", str(out), "--epochs-plain", "1", "--epochs-decoupled", "1",
+    # vgg-small (the default is vgg7) keeps this plumbing test quick; --score auto
+    # fits every registered score, which the ablation test below checks.
+    assert main(["train", "--output", str(out), "--architecture", "vgg-small", "--epochs-plain", "1",
+                 "--epochs-decoupled", "1",
                  "--limit-train", "3000", "--val-fraction", "0.2", "--limit-test", "200", "--no-progress"]) == 0
-    assert main(["fit", "--bundle", str(out), "--limit-train", "1200", "--n-ablation", "40",
+    assert main(["fit", "--bundle", str(out), "--score", "auto", "--ablation-attacks", "fgsm", "pgd", "cw",
+                 "--limit-train", "1200", "--n-ablation", "40",
                  "--no-progress"]) == 0
     return out
 

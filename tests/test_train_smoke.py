@@ -161,7 +161,8 @@ def test_defaults_are_the_shipped_recipe():
 
     recorded = read_json(DEFAULT_BUNDLE / "training.json")["config"]
     defaults = asdict(TrainConfig())
-    ignore = {"output", "init_plain", "progress"}  # where it was written, its stage-1 shortcut, the display
+    # where it was written (and whether over an old one), its stage-1 shortcut, the display, the device
+    ignore = {"output", "force", "init_plain", "progress", "device"}
     assert {k: v for k, v in recorded.items() if k not in ignore} == {
         k: defaults[k] for k in recorded if k not in ignore}
     recorded_fit = read_json(DEFAULT_BUNDLE / "profile.json")["fit_config"]

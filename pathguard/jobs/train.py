@@ -56,11 +56,11 @@ class Config:
                          choices=RESIZE_RULES)
     test_fraction: float = option(0.2, "folder with one sub-folder per class: share of each class held out "
                                   "as the test split", minimum=0)
-    architecture: str = option("vgg-small", "backbone", choices=tuple(ARCHITECTURES))
+    architecture: str = option("vgg7", "backbone", choices=tuple(ARCHITECTURES))
     output: str = option("runs/fmnist-default", "bundle directory to write (never the shipped bundle by default)")
     force: bool = option(False, "replace an existing bundle at --output")
-    epochs_plain: int = option(6, "stage 1: epochs of the plain network", minimum=0)
-    epochs_decoupled: int = option(6, "stage 2: epochs of decoupled fine-tuning (and of the plain reference)",
+    epochs_plain: int = option(10, "stage 1: epochs of the plain network", minimum=0)
+    epochs_decoupled: int = option(15, "stage 2: epochs of decoupled fine-tuning (and of the plain reference)",
                                    minimum=1)
     batch_size: int = option(128, "training batch size", minimum=1)
     lr_plain: float = option(0.05, "stage-1 learning rate (cosine schedule)", minimum=0)
@@ -73,7 +73,7 @@ class Config:
     val_fraction: float = option(0.1, "share of the training split held out for validation", minimum=0)
     seed: int = option(0, "seed of the split, the initialisation and the batches")
     lambda_k: float = option(1.0, "weight of the alignment (KL) term", minimum=0)
-    lambda_m: float = option(0.2, "weight of the path-class (mutual-information surrogate) term", minimum=0)
+    lambda_m: float = option(0.5, "weight of the path-class (mutual-information surrogate) term", minimum=0)
     lambda_s: float = option(1.0, "weight of the sparsity term", minimum=0)
     mi_front_weight: float = option(1.0, "weight of the first gated layer's path-class term relative to the last "
                                     "(linear in between)", minimum=0)
@@ -81,10 +81,10 @@ class Config:
                                 "training gate")
     # Distillation from the stage-1 plain network: its soft answers keep the
     # decoupled net close to what the plain net computes while gates switch off.
-    distill_weight: float = option(0.0, "weight of the distillation term from the stage-1 plain net (0: none)",
+    distill_weight: float = option(1.0, "weight of the distillation term from the stage-1 plain net (0: none)",
                                    minimum=0)
     distill_temperature: float = option(4.0, "distillation temperature", minimum=0)
-    target_ratio: float = option(0.55, "target fraction of active gates (rho)", minimum=0)
+    target_ratio: float = option(0.45, "target fraction of active gates (rho)", minimum=0)
     # Std of the Gaussian noise on the gate logits in training.  "linear"
     # anneals it to 0 over stage 2, so the last steps train the backbone
     # under the deterministic gates it will run with at inference.
@@ -95,7 +95,7 @@ class Config:
                                  choices=("constant", "linear", "linear-hard"))
     # An epoch only counts as "best" if its validation active ratio is at
     # most this, so the kept checkpoint meets the sparsity goal.
-    max_active_ratio: float = option(0.6, "most active-gate ratio a kept checkpoint may have", minimum=0)
+    max_active_ratio: float = option(0.5, "most active-gate ratio a kept checkpoint may have", minimum=0)
     augment: bool = option(True, "random flips and 2-pixel shifts")
     # Start stage 2 from a saved plain checkpoint instead of running stage 1
     # (for tuning the decoupling terms without retraining the plain net).
