@@ -8,7 +8,7 @@ bundles, measured **interleaved** in one run (A, B, A, B, ...: this shared
 VM's speed drifts by up to 2x over minutes, so only side-by-side figures
 compare), and B's time as a ratio to A's.
 
-    .venv/bin/python bench/bench_bundles.py --bundles bundles/fmnist-default bundles/fmnist-vgg7-candidate
+    .venv/bin/python bench/bench_bundles.py --bundles bundles/fmnist-vgg-small bundles/fmnist-default
 """
 
 from __future__ import annotations

@@ -442,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pathguard-wrk-") as tmp, contextlib.ExitStack() as stack:
         servers = [("", stack.enter_context(Server(args.bundle, args.server_pythonpath, **settings)), rows)]
         if compare is not None:
-            servers.append(("[compare] ", stack.enter_context(Server(args.bundle, args.server_pythonpath, **compare)),
+            # --compare bundle=DIR serves another bundle on the second server (the ceiling stays --bundle's)
+            other = dict(compare)
+            compare_bundle = other.pop("bundle", args.bundle)
+            servers.append(("[compare] ", stack.enter_context(Server(compare_bundle, args.server_pythonpath, **other)),
                             compare_rows))
         for name in args.scenarios:
             scenario = SCENARIOS[name]
