@@ -43,7 +43,8 @@ the code found in DIR instead (a copy of another revision laid out as the
 settings on top and runs every scenario on both, one after the other
 (interleaved, so that drift in this machine's speed hits both alike); it
 prints the second server's table and, per scenario, its images/s and p50 as
-a ratio to the first's.
+a ratio to the first's.  ``--compare bundle=DIR`` serves another bundle
+there (two models side by side; the ceiling stays ``--bundle``'s).
 """
 
 from __future__ import annotations
