@@ -185,3 +185,29 @@ def service_bundle(tmp_path_factory):
     from service_fixtures import build_service_bundle
 
     return build_service_bundle(tmp_path_factory.mktemp("service-bundle"))
+
+
+# ---------------------------------------------------------------- container image
+
+CITEST_IMAGE = "localhost/pathguard:citest"
+
+
+@pytest.fixture(scope="session")
+def citest_image():
+    """The deployable image, built once per session by docker/build.sh (as a user
+    builds it) and shared by tests/test_container.py and tests/test_deploy_kube.py:
+    each build takes about two minutes here.  Yields (tag, build seconds, podman
+    environment); a tag this session built is removed at the end, leaving the
+    machine as found."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    assert shutil.which("podman"), "podman is not installed: scripts/test.sh installs it (apt-get install podman runc)"
+    env = dict(os.environ, CONTAINERS_CONF=str(REPO_ROOT / "docker" / "containers.conf"))
+    started = time.time()
+    subprocess.run(["bash", "docker/build.sh", CITEST_IMAGE], cwd=REPO_ROOT, env=env, check=True,
+                   stdout=subprocess.PIPE)
+    yield CITEST_IMAGE, time.time() - started, env
+    subprocess.run(["podman", "rmi", "-f", CITEST_IMAGE], env=env, check=False, capture_output=True)

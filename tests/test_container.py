@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 from PIL import Image
 
 from pathguard.detector.data import load_dataset
 from pathguard.detector.inspection import Inspector
 
 ROOT = Path(__file__).resolve().parent.parent
-TAG = "localhost/pathguard:citest"
 
 
 def _free_port() -> int:
@@ -38,21 +35,14 @@ def _png(image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def podman_env():
-    assert shutil.which("podman"), "podman is not installed: scripts/test.sh installs it (apt)"
-    env = dict(os.environ, CONTAINERS_CONF=str(ROOT / "docker" / "containers.conf"))
-    return env
-
-
-def test_container_answers_detect(podman_env):
-    started = time.time()
-    subprocess.run(["bash", "docker/build.sh", TAG], cwd=ROOT, env=podman_env, check=True,
-                   stdout=subprocess.PIPE)
+def test_container_answers_detect(citest_image):
+    """Built by docker/build.sh (the session's citest_image fixture, shared
+    with the Kubernetes test), run, asked, stopped."""
+    tag, build_seconds, podman_env = citest_image
     built = time.time()
     port = _free_port()
     name = f"pathguard-citest-{os.getpid()}"
-    subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", TAG],
+    subprocess.run(["podman", "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", tag],
                    env=podman_env, check=True, stdout=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -82,8 +72,7 @@ def test_container_answers_detect(podman_env):
         uid = subprocess.run(["podman", "exec", name, "id", "-u"], env=podman_env, capture_output=True,
                              text=True, check=True).stdout.strip()
         assert uid != "0", "the service must not run as root in the container"
-        print(f"container test: build {built - started:.0f} s, run+check {time.time() - built:.0f} s")
+        print(f"container test: build {build_seconds:.0f} s, run+check {time.time() - built:.0f} s")
     finally:
         subprocess.run(["podman", "stop", "-t", "10", name], env=podman_env, capture_output=True)
         subprocess.run(["podman", "rm", "-f", name], env=podman_env, capture_output=True)
-        subprocess.run(["podman", "rmi", "-f", TAG], env=podman_env, capture_output=True)

@@ -1,16 +1,17 @@
 """The Kubernetes manifests in deploy/, checked, and run for real on this machine.
 
 ``podman kube play`` runs deploy/deployment.yaml as two replicas (pods) of the
-image tests/test_container.py builds (localhost/pathguard:citest; built here
-when absent), Debian's HAProxy balances them with active checks on /ready
-(scripts/kube_replicas.py), and a bounded load of real Fashion-MNIST images
-goes through HAProxy with the API key from the (podman) Secret.  Mid-load one
-replica is stopped as the kubelet stops a pod (SIGTERM, then SIGKILL after the
-grace period): not one request may fail, every answer must equal the offline
-score of the shipped bundle (``Inspector``), both replicas must have answered,
-the stopped one must have drained and exited 0 and left HAProxy's pool.
+image docker/build.sh makes (localhost/pathguard:citest, built once per test
+session by the ``citest_image`` fixture of tests/conftest.py), Debian's
+HAProxy balances them with active checks on /ready (scripts/kube_replicas.py),
+and a bounded load of real Fashion-MNIST images goes through HAProxy with the
+API key from the (podman) Secret.  Mid-load one replica is stopped as the
+kubelet stops a pod (SIGTERM, then SIGKILL after the grace period): not one
+request may fail, every answer must equal the offline score of the shipped
+bundle (``Inspector``), both replicas must have answered, the stopped one
+must have drained and exited 0 and left HAProxy's pool.
 
-About a minute on 2 cores, plus the image build when the tag is absent.
+About a minute on 2 cores, plus the image build if no earlier test built it.
 scripts/test.sh installs podman, runc, debootstrap and haproxy, so nothing
 here skips: a missing tool fails with the package to install.
 """
@@ -21,7 +22,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import kube_replicas
 
-TAG = "localhost/pathguard:citest"
 DEPLOY = ROOT / "deploy"
 WORKERS = 6                 # concurrent clients
 BEFORE_STOP = 150           # requests answered before one replica is stopped
@@ -165,16 +164,10 @@ def test_service_hpa_and_pdb_select_the_deployments_pods():
 
 
 @pytest.fixture(scope="module")
-def image():
-    assert shutil.which("podman"), "podman is not installed: scripts/test.sh installs it (apt-get install podman runc)"
+def image(citest_image):
+    """The image docker/build.sh makes (built once per session, tests/conftest.py)."""
     assert shutil.which("haproxy"), "haproxy is not installed: scripts/test.sh installs it (apt-get install haproxy)"
-    env = kube_replicas.podman_env()
-    built = subprocess.run(["podman", "image", "exists", TAG], env=env, check=False).returncode != 0
-    if built:
-        subprocess.run(["bash", "docker/build.sh", TAG], cwd=ROOT, env=env, check=True, stdout=subprocess.PIPE)
-    yield TAG
-    if built:   # leave the machine as found (tests/test_container.py removes the tag it builds too)
-        subprocess.run(["podman", "rmi", "-f", TAG], env=env, check=False, capture_output=True)
+    return citest_image[0]
 
 
 @pytest.fixture(scope="module")
