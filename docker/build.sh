@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the PathGuard image.  Usage: docker/build.sh [TAG]  (default localhost/pathguard:latest)
 #
-# 1. build/wheelhouse: the project's own wheel plus every dependency wheel
-#    (CPU torch pinned by PATHGUARD_TORCH, default torch==2.13.0), downloaded
-#    on the host, where pip works; the image installs with --no-index.
+# 1. build/wheelhouse: every dependency wheel (CPU torch pinned by
+#    PATHGUARD_TORCH, default torch==2.13.0) and their pins (requirements.txt),
+#    downloaded on the host, where pip works; build/project: the project's own
+#    wheel.  The image installs both with --no-index, in two layers.
 # 2. The base image: with podman and no reachable registry, a Debian bookworm
 #    minbase made by debootstrap and imported once (localhost/pathguard-base:bookworm);
 #    otherwise debian:bookworm-slim.  Override with PATHGUARD_BASE_IMAGE.
@@ -32,9 +33,15 @@ if [ "$(cat build/wheelhouse/.stamp 2>/dev/null)" != "$want" ]; then
   "$PY" -m pip download --disable-pip-version-check -q --no-deps -d build/wheelhouse torchattacks==3.5.1 >&2
   echo "$want" > build/wheelhouse/.stamp
 fi
+# The dependencies and the project go into separate image layers: the
+# dependency layer (torch and the rest, pinned in requirements.txt) stays
+# cached while only the project changes; the project's wheel is rebuilt
+# every time into build/project.
 rm -f build/wheelhouse/pathguard-*.whl
-rm -rf build/lib build/bdist* ./*.egg-info
-"$PY" -m pip wheel --disable-pip-version-check -q --no-deps --wheel-dir build/wheelhouse . >&2
+(cd build/wheelhouse && ls ./*.whl | grep -v -e '/torchattacks-' | sed -E 's#^\./([^-]+)-([^-]+)-.*#\1==\2#' \
+  | sort > requirements.txt)
+rm -rf build/project build/lib build/bdist* ./*.egg-info && mkdir -p build/project
+"$PY" -m pip wheel --disable-pip-version-check -q --no-deps --wheel-dir build/project . >&2
 
 # --- 2. base image
 BASE=${PATHGUARD_BASE_IMAGE:-}

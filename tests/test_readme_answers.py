@@ -150,6 +150,9 @@ def test_container_instructions_set_containers_conf_before_podman():
     assert conf and conf[0] < podman[0], "CONTAINERS_CONF must be set before the first podman command"
     assert re.search(r"export CONTAINERS_CONF=\$PWD/docker/containers\.conf", "\n".join(commands))
     assert (ROOT / "docker" / "containers.conf").is_file()
-    # what tests/test_container.py does: every podman call with that CONTAINERS_CONF
+    # what tests/test_container.py does: every podman call with that CONTAINERS_CONF (the image and
+    # its environment come from the citest_image fixture of tests/conftest.py)
     container_test = (ROOT / "tests" / "test_container.py").read_text()
-    assert 'CONTAINERS_CONF=str(ROOT / "docker" / "containers.conf")' in container_test
+    assert "citest_image" in container_test and "env=podman_env" in container_test
+    fixtures = (ROOT / "tests" / "conftest.py").read_text()
+    assert 'CONTAINERS_CONF=str(REPO_ROOT / "docker" / "containers.conf")' in fixtures
