@@ -196,7 +196,7 @@ CITEST_IMAGE = "localhost/pathguard:citest"
 def citest_image():
     """The deployable image, built once per session by docker/build.sh (as a user
     builds it) and shared by tests/test_container.py and tests/test_deploy_kube.py:
-    each build takes about two minutes here.  Yields (tag, build seconds, podman
+    a build without podman's layer cache takes minutes.  Yields (tag, build seconds, podman
     environment); a tag this session built is removed at the end, leaving the
     machine as found."""
     import os
