@@ -197,8 +197,8 @@ def citest_image():
     """The deployable image, built once per session by docker/build.sh (as a user
     builds it) and shared by tests/test_container.py and tests/test_deploy_kube.py:
     a build without podman's layer cache takes minutes.  Yields (tag, build seconds, podman
-    environment); a tag this session built is removed at the end, leaving the
-    machine as found."""
+    environment); the tag is removed at the end of the session (its cached
+    layers stay, for the next build)."""
     import os
     import shutil
     import subprocess
