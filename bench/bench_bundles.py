@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # chunk=None: each pass is computed as given, so the pass size is what is measured
-    inspectors = [Inspector.load(path, chunk=None) for path in args.bundles]
+    # chunk=None and the dense engine: each pass is computed as given, so the pass size is what is measured
+    inspectors = [Inspector.load(path, chunk=None, engine="dense") for path in args.bundles]
     shapes = {tuple(ins.input_shape) for ins in inspectors}
     if len(shapes) != 1:
         parser.error(f"the two bundles take different inputs: {sorted(shapes)}")

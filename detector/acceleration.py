@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import ConvNet, max_pool_2x2
-from .paths import observe, split_layers
+from .paths import PathBatch, observe, split_layers
 
 KERNEL = 9  # 3 x 3 convolutions throughout (models.ConvBlock)
 
@@ -220,6 +220,9 @@ class SparseTrace:
     gate_logits: list[torch.Tensor] = field(default_factory=list)
     active: list[torch.Tensor] = field(default_factory=list)
     macs: int = 0
+    features: torch.Tensor | None = None  # (C_last,) full width, zeros where a filter was off
+    # every block's gated output averaged over space, full width ((C_out,) each), when asked for
+    block_features: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def path(self) -> torch.Tensor:
@@ -289,15 +292,16 @@ class SparseGatedNet(nn.Module):
         return self
 
     @torch.no_grad()
-    def trace_one(self, x: torch.Tensor, count: bool = False) -> SparseTrace:
-        """Run one image, (C, H, W) or (1, C, H, W)."""
+    def trace_one(self, x: torch.Tensor, count: bool = False, blocks: bool = False) -> SparseTrace:
+        """Run one image, (C, H, W) or (1, C, H, W); ``blocks=True`` also
+        keeps every block's spatial mean (``Trace.block_features``)."""
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4 or x.shape[0] != 1:
             raise ValueError(f"SparseGatedNet runs one image at a time, got shape {tuple(x.shape)}")
         h = (x - self.mean) / self.std
         active = None  # indices of h's channels in the full layer width; None = all of them
-        gates, gate_logits, actives = [], [], []
+        gates, gate_logits, actives, block_features = [], [], [], []
         macs = 0
         for w, b, control, pool, acm_macs in self._layers:
             c_out, c_in = w.shape[0], w.shape[1]
@@ -321,21 +325,23 @@ class SparseGatedNet(nn.Module):
                 if len(out_idx) == c_out:
                     out_idx = None  # everything on: no slicing needed
                 else:
-                    w, b = w.index_select(0, out_idx), b.index_select(0, out_idx)
+                    b = b.index_select(0, out_idx)
             else:
                 out_idx = None
-            if w.shape[0] == 0:
+            rows = c_out if out_idx is None else len(out_idx)
+            if rows == 0:
                 # Every filter off: nothing to compute, an empty map.
                 h = h.new_zeros(1, 0, height, width)
             elif active is not None and len(active) == 0:
                 # Zero input: the convolution reduces to its folded bias.
                 h = torch.relu(b).view(1, -1, 1, 1).expand(1, len(b), height, width)
             else:
-                if active is not None:
-                    w = w.index_select(1, active)
+                w = _slice_filters(w, out_idx, active)
                 h = torch.relu(F.conv2d(h, w, b, padding=1))
                 if count:
                     macs += height * width * w.shape[0] * w.shape[1] * KERNEL
+            if blocks:
+                block_features.append(_full_width(h.mean(dim=(2, 3))[0], out_idx, c_out))
             if pool:
                 h = max_pool_2x2(h) if h.shape[1] else h.new_zeros(1, 0, height // 2, width // 2)
             active = out_idx
@@ -344,7 +350,8 @@ class SparseGatedNet(nn.Module):
         logits = F.linear(features, head_weight, self.head_bias)
         if count:
             macs += head_weight.shape[0] * head_weight.shape[1]
-        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0)
+        features = _full_width(features, active, self.head_weight.shape[1])
+        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0, features, block_features)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,6 +363,56 @@ class SparseGatedNet(nn.Module):
     @torch.no_grad()
     def trace_batch(self, x: torch.Tensor, count: bool = False) -> list[SparseTrace]:
         return [self.trace_one(x[i:i + 1], count=count) for i in range(len(x))]
+
+    @property
+    def gated_widths(self) -> list[int]:
+        return [layer[0].shape[0] for layer in self._layers if layer[2] is not None]
+
+    @torch.no_grad()
+    def observe(self, images: torch.Tensor, blocks: bool = False) -> PathBatch:
+        """``paths.observe`` computed image by image with the skipping
+        forward: the same fields (full-width paths, gate logits, features,
+        every block's features with ``blocks=True``), equal to the dense
+        model's to float tolerance.  Each image is computed alone, by
+        kernels whose shapes depend only on that image's own path, so its
+        row never depends on the other images of the batch."""
+        if images.ndim != 4 or len(images) == 0:
+            raise ValueError(f"observe needs a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
+        traces = [self.trace_one(images[i:i + 1], blocks=blocks) for i in range(len(images))]
+        n = len(traces)
+        gated = bool(self.gated_widths)
+        paths = torch.stack([t.path for t in traces]) if gated else torch.zeros(n, 0)
+        gate_logits = torch.stack([torch.cat(t.gate_logits) for t in traces]) if gated else torch.zeros(n, 0)
+        return PathBatch(
+            torch.stack([t.logits for t in traces]), paths, gate_logits, torch.stack([t.features for t in traces]),
+            self.gated_widths,
+            blocks=[torch.stack(parts) for parts in zip(*(t.block_features for t in traces))] if blocks else [])
+
+
+def _slice_filters(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
+    """``weight[rows][:, columns]`` (None = all) in one gather: slicing the
+    rows first would copy every input channel's kernels only to drop most."""
+    if rows is None and columns is None:
+        return weight
+    if columns is None:
+        return weight.index_select(0, rows)
+    if rows is None:
+        return weight.index_select(1, columns)
+    c_out, c_in = weight.shape[:2]
+    flat = (rows[:, None] * c_in + columns[None, :]).flatten()
+    return weight.view(c_out * c_in, *weight.shape[2:]).index_select(0, flat).view(
+        len(rows), len(columns), *weight.shape[2:])
+
+
+def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
+    """``values`` of the channels ``index`` (None = all of them) scattered
+    into a zero vector of ``width``: what the dense gated model holds, whose
+    switched-off channels are exactly zero."""
+    if index is None:
+        return values
+    full = values.new_zeros(width)
+    full[index] = values
+    return full
 
 
 # ------------------------------------------------ test / benchmark helper

@@ -89,5 +89,6 @@ def model_info(inspector: Inspector, settings: Settings) -> dict:
                 "max_pixels": settings.max_pixels, "inference_timeout_s": settings.inference_timeout_s},
         batching={"enabled": settings.batching, "batch_size": settings.batch_size,
                   "batch_wait_ms": settings.batch_wait_ms, "queue_size": settings.queue_size},
+        engine=inspector.engine,
     )
     return info.model_dump()

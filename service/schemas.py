@@ -187,3 +187,6 @@ class ModelInfo(BaseModel):
                                  "path and detection figures")
     limits: Limits
     batching: BatchingInfo
+    engine: Literal["sparse", "dense"] = Field(
+        ..., description="how the forward pass runs: 'sparse' = image by image, switched-off filters skipped; "
+                         "'dense' = the whole pass at once (the service's `engine` setting)")

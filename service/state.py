@@ -97,7 +97,7 @@ async def load_inspector(settings: Settings) -> Inspector:
     """The bundle's inspector, verified, pinned and of a servable input shape."""
     try:
         inspector = await run_in_threadpool(Inspector.load, settings.bundle, settings.forward_chunk or None,
-                                            settings.small_passes)
+                                            settings.small_passes, settings.engine)
         _check_provenance(inspector, settings)
     except (ArtifactError, ValueError, OSError) as exc:
         message = f"cannot serve bundle {settings.bundle}: {exc}"
@@ -117,7 +117,7 @@ _WORKER_GC_FREEZE = True
 
 
 def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | None,
-                 barrier=None, gc_freeze: bool = True, small_passes: bool = True) -> None:
+                 barrier=None, gc_freeze: bool = True, small_passes: bool = True, engine: str = "auto") -> None:
     """In the inference process: load the bundle the server verified (the
     same digest, or refuse) and keep its inspector (and the barrier every
     worker's warm-up meets at, and whether it freezes its start-up heap)."""
@@ -126,7 +126,7 @@ def _worker_init(bundle: str, digest: str, chunk: int | None, threads: int | Non
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads:
         torch.set_num_threads(threads)
-    inspector = Inspector.load(bundle, chunk, small_passes)
+    inspector = Inspector.load(bundle, chunk, small_passes, engine)
     if inspector.bundle.digest != digest:
         raise ArtifactError(f"{bundle}: digest changed under the server ({inspector.bundle.digest} is not "
                             f"{digest})")
@@ -215,7 +215,7 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
             max_workers=workers, mp_context=context, initializer=_worker_init,
             initargs=(str(inspector.bundle.path), inspector.bundle.digest, inspector.chunk,
                       worker_threads(settings), context.Barrier(workers), settings.gc_freeze,
-                      inspector.small_passes))
+                      inspector.small_passes, inspector.engine))
         infer, pack = _worker_infer, _pack
         warm_up, warm_up_args = _worker_warm_up, (np.zeros((1, *inspector.input_shape), dtype=np.float32),)
     else:
@@ -241,9 +241,10 @@ async def start_batcher(inspector: Inspector, settings: Settings, metrics: Servi
         raise BundleError(f"cannot serve bundle {settings.bundle}: warm-up pass failed: {exc}") from exc
     if settings.inference_process:
         log.info("inference workers ready: %s", ", ".join(
-            f"pid {pid} ({frozen} start-up objects frozen; passes of {sizes} images)" for pid, frozen, sizes in ready))
+            f"pid {pid} ({frozen} start-up objects frozen; {inspector.engine} engine, passes of {sizes} images)"
+            for pid, frozen, sizes in ready))
     else:
-        log.info("inference ready: passes of %s images", inspector.pass_sizes())
+        log.info("inference ready: %s engine, passes of %s images", inspector.engine, inspector.pass_sizes())
     return batcher
 
 

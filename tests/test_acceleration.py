@@ -253,3 +253,47 @@ def test_all_off_layer_before_a_pool():
     assert dense_flops(model)["total"] == conv0 + 3456 + 1728 + 12 + acm
     assert executed_flops(model, x).tolist() == [conv0 + acm + 12] * 3
     assert_sparse_matches(model, x)
+
+
+# ------------------------------------------------ observing image by image
+
+def assert_observes_like_dense(model: ConvNet, images: torch.Tensor) -> None:
+    """SparseGatedNet.observe gives what paths.observe gives, field by field."""
+    from pathguard.detector.paths import observe
+
+    dense = observe(model.eval(), images, blocks=True)
+    sparse = SparseGatedNet(model).observe(images, blocks=True)
+    assert sparse.widths == dense.widths and len(sparse) == len(images)
+    assert torch.equal(sparse.paths, dense.paths)
+    for name in ("logits", "gate_logits", "features"):
+        got, want = getattr(sparse, name), getattr(dense, name)
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-4), name
+    assert len(sparse.blocks) == len(dense.blocks) == len(model.blocks)
+    for got, want in zip(sparse.blocks, dense.blocks):  # every block's spatial means, full width
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    # switched-off filters are exact zeros, as in the dense model's gated output
+    gated = [i for i, block in enumerate(model.blocks) if block.control is not None]
+    for layer, index in enumerate(gated):
+        off = sparse.paths[:, sum(sparse.widths[:layer]):sum(sparse.widths[:layer + 1])] == 0
+        assert (sparse.blocks[index][off] == 0).all()
+    assert SparseGatedNet(model).observe(images).blocks == []  # only when asked for
+
+
+def test_sparse_observe_matches_dense_observe_on_real_images(vgg_small, fmnist_test):
+    assert_observes_like_dense(vgg_small, fmnist_test.images[:24])
+
+
+def test_sparse_observe_with_a_layer_all_off():
+    arch = Architecture("tiny-pool", 1, 8, 3, (2, 3, "M", 4), mean=(0.5,), std=(0.5,))
+    model = ConvNet(arch, gated=True).eval()
+    force_gates(model, 1, [-1.0, -1.0, -1.0])  # block 1 computes nothing; block 2 sees a zero input
+    assert_observes_like_dense(model, torch.rand(3, 1, 8, 8))
+    assert_observes_like_dense(tiny_model(3), torch.rand(5, 1, 8, 8))
+
+
+def test_sparse_observe_of_a_plain_model_has_an_empty_path(fmnist_test):
+    plain = randomise_controls(ConvNet(ARCHITECTURES["vgg-small"], gated=False), seed=4)
+    batch = SparseGatedNet(plain).observe(fmnist_test.images[:3])
+    assert batch.paths.shape == (3, 0) and batch.gate_logits.shape == (3, 0) and batch.widths == []
+    with pytest.raises(ValueError):
+        SparseGatedNet(plain).observe(torch.zeros(0, 1, 28, 28))

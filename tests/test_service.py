@@ -297,6 +297,7 @@ def test_health_ready_model_and_metrics(client, bundle):
     assert model["card"]["test"]["decoupled_accuracy"] == inspector.bundle.card["test"]["decoupled_accuracy"]
     assert model["limits"]["max_images"] == 32
     assert model["batching"]["enabled"] is True
+    assert model["engine"] == "sparse"  # `auto` on the CPU: image by image, off filters skipped
 
     before = metric_samples(client.get("/metrics").text)
     images = fmnist_images(4)

@@ -19,6 +19,10 @@ A lone image and a short batch run in a smaller pass where that is measured
 to give the same bits (``Inspector.pass_sizes``); checked here against an
 inspector that always pads to the full pass, and with a pass size made to
 differ in one bit, which must then never be used.
+
+All of it for both forward engines (docs/method.md, "Inference engines"):
+the dense passes above, and the skipping engine the service uses on the
+CPU, which computes every image alone and only scores in passes.
 """
 
 from __future__ import annotations
@@ -55,9 +59,13 @@ def answer_figures(result: dict) -> tuple:
             tuple(result["layer_deviations"]), result["active_fraction"], tuple(sorted(p_values.items())))
 
 
-@pytest.fixture(scope="module")
-def inspector() -> Inspector:
-    return Inspector.load(DEFAULT_BUNDLE)
+@pytest.fixture(scope="module", params=["sparse", "dense"])
+def inspector(request) -> Inspector:
+    # both forward engines (pathguard.detector.inspection): the service's default on the CPU computes
+    # each image alone and skips switched-off filters; the dense one runs whole passes
+    inspector = Inspector.load(DEFAULT_BUNDLE, engine=request.param)
+    assert inspector.engine == request.param
+    return inspector
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +111,7 @@ def test_small_passes_give_the_bits_of_full_passes(inspector, images, alone):
     # A lone image or a short batch runs in the smallest pass size measured to give the same bits as
     # a full pass (pathguard.detector.inspection); against an inspector that always pads to the full
     # chunk, every figure of every answer is the same, alone and in short batches.
-    padded = Inspector.load(DEFAULT_BUNDLE, small_passes=False)
+    padded = Inspector.load(DEFAULT_BUNDLE, small_passes=False, engine=inspector.engine)
     assert padded.pass_sizes() == [padded.chunk]
     assert inspector.pass_sizes()[-1] == inspector.chunk
     full = [figures(padded.inspect(images[i:i + 1])[0]) for i in range(N)]
@@ -113,8 +121,9 @@ def test_small_passes_give_the_bits_of_full_passes(inspector, images, alone):
         assert got == full, f"batches of {size} differ from full passes"
 
 
-def test_a_pass_size_that_changes_a_bit_is_never_used(monkeypatch):
-    inspector = Inspector.load(DEFAULT_BUNDLE)
+@pytest.mark.parametrize("engine", ["sparse", "dense"])
+def test_a_pass_size_that_changes_a_bit_is_never_used(monkeypatch, engine):
+    inspector = Inspector.load(DEFAULT_BUNDLE, engine=engine)
     real = Inspector._inspect_chunk
 
     def off_by_a_bit_at_3(self, part, rows, include_path):
@@ -212,11 +221,12 @@ async def send_all(url: str, plans: list[tuple[str, list[int]]], images: torch.T
     return answers
 
 
-def test_live_micro_batcher_answers_bit_identically(images, alone):
+def test_live_micro_batcher_answers_bit_identically(inspector, images, alone):
     from pathguard.service.settings import Settings
 
     settings = Settings(bundle=DEFAULT_BUNDLE, batching=True, batch_size=64, batch_wait_ms=20, torch_threads=1,
-                        inference_workers=2)  # two processes: which one answers must not matter either
+                        inference_workers=2,  # two processes: which one answers must not matter either
+                        engine=inspector.engine)
     with LiveServer(settings) as live:
         for seed in (0, 1):
             plans = plan_requests(seed)
@@ -235,3 +245,27 @@ def test_live_micro_batcher_answers_bit_identically(images, alone):
     n_requests = sum(len(plan_requests(seed)) for seed in (0, 1))
     assert n_batches < n_requests, "no two requests shared a forward pass: the test proves nothing"
     assert n_images / n_batches > 1.5
+
+
+def test_engine_choice():
+    from pathguard.detector.inspection import resolve_engine
+    from pathguard.service.settings import Settings
+
+    bundle_inspector = Inspector.load(DEFAULT_BUNDLE, engine="dense")
+    model, detector = bundle_inspector.bundle.decoupled, bundle_inspector.detector
+    assert resolve_engine("auto", model, detector) == "sparse"  # a gated model on the CPU
+    assert resolve_engine("dense", model, detector) == "dense"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        resolve_engine("fast", model, detector)
+    with pytest.raises(ValueError, match="gated model"):  # the plain network has no path to skip by
+        resolve_engine("sparse", bundle_inspector.bundle.plain, detector)
+
+    class ReadsActivations:  # a detector that needs every activation map cannot be fed image by image
+        name, requires = "nic", frozenset({"activations"})
+
+    assert resolve_engine("auto", model, ReadsActivations()) == "dense"
+    with pytest.raises(ValueError, match="activations"):
+        resolve_engine("sparse", model, ReadsActivations())
+    with pytest.raises(ValueError):
+        Settings(engine="fast")
+

@@ -3,7 +3,9 @@ flags, predictions, layer deviations and the most deviating check on a real
 slice match the recorded values (tests/data/shipped_scores.json, written by
 scripts/record_shipped_scores.py when the shipped model or detector is
 changed on purpose: issue 9's re-layout was checked against it, issue 11's
-detector v2 and issue 10's vgg7 default re-recorded it).  The previous
+detector v2 and issue 10's vgg7 default re-recorded it), for each forward
+engine (pathguard.detector.inspection: dense passes, and the skipping
+engine the service uses on the CPU).  The previous
 default, bundles/fmnist-vgg-small, is held to its last recording
 (tests/data/vgg_small_scores.json) the same way."""
 
@@ -33,10 +35,18 @@ def recorded_images() -> torch.Tensor:
     return torch.cat([x, noisy, 1 - x[:64]])
 
 
+def expected_answers(bundle: str, engine: str) -> dict:
+    record = json.loads(RECORDINGS[bundle].read_text())
+    # the dense engine's answers are the top-level fields; each other engine's sit under "engines"
+    return record if engine == "dense" else {**record, **record["engines"][engine]}
+
+
+@pytest.mark.parametrize("engine", ["sparse", "dense"])
 @pytest.mark.parametrize("bundle", sorted(RECORDINGS))
-def test_shipped_bundle_answers_as_recorded(bundle):
-    expected = json.loads(RECORDINGS[bundle].read_text())
-    inspector = Inspector.load(ROOT / "bundles" / bundle)
+def test_shipped_bundle_answers_as_recorded(bundle, engine):
+    expected = expected_answers(bundle, engine)
+    inspector = Inspector.load(ROOT / "bundles" / bundle, engine=engine)
+    assert inspector.engine == engine
     results = inspector.inspect(recorded_images())
     assert inspector.detector.name == expected["score"]
     assert abs(inspector.detector.threshold_ - expected["threshold"]) <= 1e-6
@@ -46,3 +56,19 @@ def test_shipped_bundle_answers_as_recorded(bundle):
     np.testing.assert_allclose([r.layer_deviations for r in results], expected["layer_deviations"], atol=1e-6)
     assert [r.evidence["most_deviating"] for r in results] == expected["most_deviating"]
     assert 0 < sum(expected["adversarial"]) < len(results)  # the slice holds flagged and unflagged images
+
+
+@pytest.mark.parametrize("bundle", sorted(RECORDINGS))
+def test_the_engines_agree_to_float_tolerance(bundle):
+    # The skipping engine adds up only the active channels and folds BatchNorm into the convolutions,
+    # so its sums run in another order than the dense pass's: the same answers up to float32 rounding
+    # (scores within 1e-4 plus 1e-4 of their size -- a noisy image's 9.66 moved by 1.5e-4 --, the same
+    # classes and flags), never another model.
+    dense, sparse = expected_answers(bundle, "dense"), expected_answers(bundle, "sparse")
+    assert sparse["predicted"] == dense["predicted"]
+    np.testing.assert_allclose(sparse["scores"], dense["scores"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sparse["layer_deviations"], dense["layer_deviations"], rtol=0, atol=1e-4)
+    near = np.abs(np.asarray(dense["scores"]) - dense["threshold"]) < 1e-4 + 1e-4 * dense["threshold"]
+    flips = [i for i, (a, b) in enumerate(zip(sparse["adversarial"], dense["adversarial"])) if a != b and not near[i]]
+    assert flips == []
+    assert sparse["scores"] != dense["scores"]  # really two engines' recordings
