@@ -390,18 +390,13 @@ class SparseGatedNet(nn.Module):
 
 
 def _slice_filters(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
-    """``weight[rows][:, columns]`` (None = all) in one gather: slicing the
-    rows first would copy every input channel's kernels only to drop most."""
-    if rows is None and columns is None:
-        return weight
-    if columns is None:
-        return weight.index_select(0, rows)
-    if rows is None:
-        return weight.index_select(1, columns)
-    c_out, c_in = weight.shape[:2]
-    flat = (rows[:, None] * c_in + columns[None, :]).flatten()
-    return weight.view(c_out * c_in, *weight.shape[2:]).index_select(0, flat).view(
-        len(rows), len(columns), *weight.shape[2:])
+    """``weight[rows][:, columns]`` (None = all): the active filters' rows,
+    then their kernels of the active input channels."""
+    if rows is not None:
+        weight = weight.index_select(0, rows)
+    if columns is not None:
+        weight = weight.index_select(1, columns)
+    return weight
 
 
 def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
