@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_service import (  # noqa: E402
     ServerProcess, as_tensor, free_port, load_images, machine_info, multipart_body, png_bytes,
 )
-from bench_service import measure_ceiling as measure_one_ceiling  # noqa: E402
+from bench_service import engines_text, measure_best_ceiling  # noqa: E402
 from pathguard.detector.bundle import DEFAULT_BUNDLE  # noqa: E402
 
 LUA = Path(__file__).resolve().parent / "wrk_bodies.lua"
@@ -421,18 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.ceiling_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     # the ceiling: one pass per batch, on every torch thread, with whichever forward engine is the
-    # faster in-process (the dense one here: 701 images/s against the image-by-image skipping
-    # engine's 380 on 2 threads), measured each time with both
+    # faster in-process (the dense one here), measured each time with both
     ceiling_inspectors = [Inspector.load(args.bundle, chunk=None, engine=engine) for engine in ("dense", "sparse")]
     inspector = ceiling_inspectors[0]
 
     def measure_ceiling(_inspector, images, batch, seconds):
-        figures = [measure_one_ceiling(each, images, batch, seconds) for each in ceiling_inspectors]
-        for each, figure in zip(ceiling_inspectors, figures):
-            figure["engine"] = each.engine
-        best = max(figures, key=lambda f: f["images_per_s"])
-        best["engines"] = {f["engine"]: f["images_per_s"] for f in figures}
-        return best
+        return measure_best_ceiling(ceiling_inspectors, images, batch, seconds)
+
     arrays = load_images(args.dataset, max(args.images, args.batch_size), inspector.input_shape)
     tensors = as_tensor(arrays)
     pngs = [png_bytes(a) for a in arrays[: args.images]]
@@ -448,8 +443,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ceiling_before = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)
     print(f"ceiling (in-process Inspector.inspect, batch {ceiling_before['batch']}): "
-          f"{ceiling_before['images_per_s']:.1f} images/s ({ceiling_before['engine']} engine; "
-          + ", ".join(f"{e} {v:.1f}" for e, v in ceiling_before["engines"].items()) + ")", flush=True)
+          f"{ceiling_before['images_per_s']:.1f} images/s ({engines_text(ceiling_before)})", flush=True)
 
     settings = {"batch_size": args.batch_size, "torch_threads": args.threads, **parse_settings(args.settings)}
     compare = {**settings, **parse_settings(args.compare)} if args.compare else None
@@ -504,9 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"ceiling: {ceiling:.1f} images/s (before {ceiling_before['images_per_s']:.1f}, after "
           f"{ceiling_after['images_per_s']:.1f}; Inspector.inspect, batch {args.batch_size} in one pass, "
-          f"{threads} torch threads, the faster engine each time: "
-          + "; ".join(", ".join(f"{e} {v:.1f}" for e, v in c["engines"].items()) for c in (ceiling_before, ceiling_after))
-          + ")")
+          f"{threads} torch threads, the faster engine each time: {engines_text(ceiling_before)}; "
+          f"{engines_text(ceiling_after)})")
     print_table(rows)
     print("/health = req/s as a ratio to GET /health req/s of this run; /ceiling = images/s as a ratio to the "
           "in-process ceiling; server = CPU cores the server used")
