@@ -9,6 +9,7 @@ The public API (the README's "Python API" section shows it at work)::
     inspector = pathguard.Inspector.load()           # bundle + its fitted detector
     results = inspector.inspect(images)              # (N, C, H, W) pixels in [0, 1]
     results = pathguard.inspect(images)              # the same, with the default bundle
+    # (engine="auto": each image alone, off filters skipped, on the CPU; "dense": whole passes)
 
     batch = pathguard.observe(bundle.decoupled, images)   # logits, paths, gate logits, ...
     detector = pathguard.make_detector("logit-gauss-max").fit(clean_batch)
@@ -48,9 +49,12 @@ __all__ = [
 ]
 
 
-def inspect(images: torch.Tensor, bundle: str | Path = DEFAULT_BUNDLE, include_path: bool = False) -> list[Inspection]:
+def inspect(images: torch.Tensor, bundle: str | Path = DEFAULT_BUNDLE, include_path: bool = False,
+            engine: str = "auto") -> list[Inspection]:
     """Classify and score ``images`` ((N, C, H, W) floats in [0, 1], the
     bundle's input shape) with a bundle's model and detector: one
     ``Inspection`` per image (class, confidence, flag, score, threshold,
-    per-layer deviations)."""
-    return Inspector.load(bundle).inspect(images, include_path=include_path)
+    per-layer deviations).  ``engine``: how the forward pass runs ("auto":
+    image by image with switched-off filters skipped on the CPU, as the
+    service does; "sparse"; "dense"; docs/method.md, "Inference engines")."""
+    return Inspector.load(bundle, engine=engine).inspect(images, include_path=include_path)
