@@ -21,7 +21,8 @@ def fitted_bundle(tmp_path_factory):
     assert main(["train", "--output", str(out), "--architecture", "vgg-small", "--epochs-plain", "1",
                  "--epochs-decoupled", "1",
                  "--limit-train", "3000", "--val-fraction", "0.2", "--limit-test", "200", "--no-progress"]) == 0
-    assert main(["fit", "--bundle", str(out), "--score", "auto", "--ablation-attacks", "fgsm", "pgd", "cw",
+    # no --ablation-attacks: --score auto chooses on FGSM, PGD and CW by default
+    assert main(["fit", "--bundle", str(out), "--score", "auto",
                  "--limit-train", "1200", "--n-ablation", "40",
                  "--no-progress"]) == 0
     return out
@@ -45,6 +46,9 @@ def test_fit_writes_profile_threshold_and_ablation(fitted_bundle):
     assert profile["version"] == 2 and profile["detector"] == detector.name
     assert profile["ablation"]["chosen"] == detector.name
     assert set(profile["ablation"]["results"]) == set(PATH_SCORES)
+    # the attacks that ran are recorded, the score-choice default resolved
+    assert profile["ablation"]["attacks"] == profile["fit_config"]["ablation_attacks"] == ["fgsm", "pgd", "cw"]
+    assert all(set(r["auroc"]) == {"fgsm", "pgd", "cw"} for r in profile["ablation"]["results"].values())
     assert bundle.card["detector"]["score"] == detector.name
 
 

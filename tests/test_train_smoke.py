@@ -169,6 +169,10 @@ def test_defaults_are_the_shipped_recipe():
     fit_defaults = asdict(fit.Config())
     same = ("score", "target_fpr", "smoothing", "n_ablation", "seed", "limit_train")
     assert {k: recorded_fit[k] for k in same} == {k: fit_defaults[k] for k in same}
-    assert list(fit_defaults["ablation_attacks"]) == recorded_fit["ablation_attacks"]
+    # no --ablation-attacks: the fixed score's report attacks (what the shipped fit ran and recorded);
+    # --score auto chooses on strong and minimal attacks; given attacks are used as given
+    assert list(fit.ablation_attacks(fit.Config())) == recorded_fit["ablation_attacks"]
+    assert fit.ablation_attacks(fit.Config(score="auto")) == ("fgsm", "pgd", "cw")
+    assert fit.ablation_attacks(fit.Config(score="auto", ablation_attacks=("bim",))) == ("bim",)
     assert fit_defaults["dataset"] is None  # None = the bundle's own data (fashion-mnist here)
     assert not Path(defaults["output"]).resolve() == DEFAULT_BUNDLE.resolve()  # never the shipped bundle
