@@ -424,10 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     # faster in-process (the dense one here), measured each time with both
     ceiling_inspectors = [Inspector.load(args.bundle, chunk=None, engine=engine) for engine in ("dense", "sparse")]
     inspector = ceiling_inspectors[0]
-
-    def measure_ceiling(_inspector, images, batch, seconds):
-        return measure_best_ceiling(ceiling_inspectors, images, batch, seconds)
-
     arrays = load_images(args.dataset, max(args.images, args.batch_size), inspector.input_shape)
     tensors = as_tensor(arrays)
     pngs = [png_bytes(a) for a in arrays[: args.images]]
@@ -441,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {Path(args.bundle).resolve()} (digest {inspector.bundle.digest[:12]}...)")
     print("other pathguard jobs running: " + ("; ".join(busy) if busy else "none"))
 
-    ceiling_before = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)
+    ceiling_before = measure_best_ceiling(ceiling_inspectors, tensors, args.batch_size, args.ceiling_seconds)
     print(f"ceiling (in-process Inspector.inspect, batch {ceiling_before['batch']}): "
           f"{ceiling_before['images_per_s']:.1f} images/s ({engines_text(ceiling_before)})", flush=True)
 
@@ -470,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             # A batch scenario also gets its own ceiling, measured just before and just after it (the
             # servers idle): this VM's speed drifts by up to 2x over minutes, so the ceiling of the same
             # minutes is the fair yardstick beside the run-wide one.
-            near = [measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)] \
+            near = [measure_best_ceiling(ceiling_inspectors, tensors, args.batch_size, args.ceiling_seconds)] \
                 if scenario.images > 1 else None
             for label, server, table in servers:
                 check_bodies(server.url, scenario, bodies)
@@ -482,14 +478,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['batches']['gc_collections']:.0f} garbage collections, {r['batches']['gc_ms']:.0f} ms, "
                       f"{r['batches']['gc_stalls']:.0f} over {GC_STALL_S * 1000:g} ms", flush=True)
             if near is not None:
-                near.append(measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds))
+                near.append(measure_best_ceiling(ceiling_inspectors, tensors, args.batch_size, args.ceiling_seconds))
                 adjacent = {"images_per_s": statistics.mean(c["images_per_s"] for c in near),
                             "before": near[0]["images_per_s"], "after": near[1]["images_per_s"]}
                 for _, _, table in servers:
                     table[name]["ceiling_adjacent"] = adjacent
         still_ok = all(server.proc.poll() is None for _, server, _ in servers)
         exit_status = max((server.stop() for _, server, _ in servers), key=abs)
-    ceiling_after = measure_ceiling(inspector, tensors, args.batch_size, args.ceiling_seconds)
+    ceiling_after = measure_best_ceiling(ceiling_inspectors, tensors, args.batch_size, args.ceiling_seconds)
     ceiling = max(ceiling_before["images_per_s"], ceiling_after["images_per_s"])
     for table in (rows, compare_rows):
         add_ratios(table, ceiling)

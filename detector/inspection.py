@@ -148,8 +148,11 @@ def resolve_engine(engine: str, model: nn.Module, detector: PathScore) -> str:
     if engine == "sparse" and not sparse_ok:
         raise ValueError("the sparse engine needs a gated model and a detector that reads no full activations "
                          f"({detector.name} requires {sorted(detector.requires)})")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if engine == "sparse" and not on_cpu:
+        raise ValueError("the sparse engine runs on the CPU (one image per kernel launch would waste a GPU); "
+                         "use engine='dense' or 'auto' there")
     if engine == "auto":
-        on_cpu = next(model.parameters()).device.type == "cpu"
         return "sparse" if sparse_ok and on_cpu else "dense"
     return engine
 

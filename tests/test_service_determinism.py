@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import io
 import random
 
@@ -263,6 +264,10 @@ def test_engine_choice():
     class ReadsActivations:  # a detector that needs every activation map cannot be fed image by image
         name, requires = "nic", frozenset({"activations"})
 
+    off_cpu = copy.deepcopy(model).to("meta")  # stands in for a GPU: any device but the CPU
+    assert resolve_engine("auto", off_cpu, detector) == "dense"
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        resolve_engine("sparse", off_cpu, detector)
     assert resolve_engine("auto", model, ReadsActivations()) == "dense"
     with pytest.raises(ValueError, match="activations"):
         resolve_engine("sparse", model, ReadsActivations())
