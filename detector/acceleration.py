@@ -379,13 +379,12 @@ class SparseGatedNet(nn.Module):
         if images.ndim != 4 or len(images) == 0:
             raise ValueError(f"observe needs a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
         traces = [self.trace_one(images[i:i + 1], blocks=blocks) for i in range(len(images))]
-        n = len(traces)
-        gated = bool(self.gated_widths)
-        paths = torch.stack([t.path for t in traces]) if gated else torch.zeros(n, 0)
-        gate_logits = torch.stack([torch.cat(t.gate_logits) for t in traces]) if gated else torch.zeros(n, 0)
+        n, widths = len(traces), self.gated_widths
+        paths = torch.stack([t.path for t in traces]) if widths else torch.zeros(n, 0)
+        gate_logits = torch.stack([torch.cat(t.gate_logits) for t in traces]) if widths else torch.zeros(n, 0)
         return PathBatch(
             torch.stack([t.logits for t in traces]), paths, gate_logits, torch.stack([t.features for t in traces]),
-            self.gated_widths,
+            widths,
             blocks=[torch.stack(parts) for parts in zip(*(t.block_features for t in traces))] if blocks else [])
 
 

@@ -249,17 +249,18 @@ def test_live_micro_batcher_answers_bit_identically(inspector, images, alone):
 
 
 def test_engine_choice():
+    from pathguard.detector.bundle import load_bundle, load_detector
     from pathguard.detector.inspection import resolve_engine
     from pathguard.service.settings import Settings
 
-    bundle_inspector = Inspector.load(DEFAULT_BUNDLE, engine="dense")
-    model, detector = bundle_inspector.bundle.decoupled, bundle_inspector.detector
+    bundle = load_bundle(DEFAULT_BUNDLE)
+    model, detector = bundle.decoupled, load_detector(bundle)
     assert resolve_engine("auto", model, detector) == "sparse"  # a gated model on the CPU
     assert resolve_engine("dense", model, detector) == "dense"
     with pytest.raises(ValueError, match="engine must be one of"):
         resolve_engine("fast", model, detector)
     with pytest.raises(ValueError, match="gated model"):  # the plain network has no path to skip by
-        resolve_engine("sparse", bundle_inspector.bundle.plain, detector)
+        resolve_engine("sparse", bundle.plain, detector)
 
     class ReadsActivations:  # a detector that needs every activation map cannot be fed image by image
         name, requires = "nic", frozenset({"activations"})
