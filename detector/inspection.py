@@ -48,8 +48,8 @@ pass of n images then runs at the smallest verified size >= n
 follow the image's own path, so the forward is batch-independent by
 construction, and only the scoring still runs in passes (of the verified
 sizes, padded with a black image's observation, computed once).  On the
-shipped model a lone image costs a quarter to a third of its dense pass, and a pass of
-8 about the same per image.  The engines' answers agree to float tolerance
+shipped model a lone image's observation costs about a third of its dense
+pass, and a pass of 8 the same per image (``bench/bench_engines.py``).  The engines' answers agree to float tolerance
 (~1e-5), not bit for bit, so one deployment uses one engine.
 """
 
@@ -139,7 +139,7 @@ def resolve_engine(engine: str, model: nn.Module, detector: PathScore) -> str:
     CPU whose detector reads no full activations, else ``dense``.  Image by
     image, skipping switched-off filters, a CPU forward of the shipped vgg7
     takes about as long per image as the dense forward does in passes of
-    8, and a lone image a quarter to a third of its padded pass (docs/method.md,
+    8, and a lone image about a third of its padded pass (docs/method.md,
     "Inference engines"); on a GPU one dense pass of many images is the
     fast way."""
     if engine not in ENGINES:

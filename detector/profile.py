@@ -96,10 +96,10 @@ class PathProfile:
 
     @cached_property
     def _logit_stats64(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gate-logit means and precision in float64, converted once: a
-        copy per call of the (D, D) precision cost more than the quadratic
-        form itself (about 1 ms of a lone image's 4 ms of scoring with
-        vgg7's 1,088 gates).  A profile is not modified after it is made."""
+        """The gate-logit means and precision in float64, converted once
+        rather than on every call (the (D, D) precision of vgg7's 1,088
+        gates is a 9.5 MB copy).  A profile is not modified after it is
+        made."""
         return self.logit_mean.double(), self.logit_precision.double()
 
     def layer_features(self, batch: PathBatch) -> torch.Tensor:

@@ -220,3 +220,18 @@ def test_bench_bundles_times_two_bundles_side_by_side(bench_bundle, tmp_path):
         a, b = row["ms_per_pass"]["a"], row["ms_per_pass"]["b"]
         assert a > 0 and b > 0 and row["ratio_b_over_a"] == pytest.approx(b / a)
     assert re.search(r"^\s+8\s+\d+\.\d\d\s+\d+\.\d\d\s+\d+\.\d\d$", proc.stdout, re.M)
+
+
+def test_bench_engines_compares_the_two_forward_engines(tmp_path):
+    # the shipped bundle, 8 images: every figure of both engines, and the checks they pass
+    out = tmp_path / "engines.json"
+    proc = run_script("bench_engines.py", "--images", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["images"] == 8 and summary["threads"] == 1
+    assert summary["batch_independent"] == {"sparse": True, "dense": True}
+    assert summary["same_classes"] is True and 0 < summary["max_score_difference"] < 1e-3
+    for engine in ("sparse", "dense"):
+        medians = summary["median_ms"][engine]
+        assert set(medians) == {"inspect", "observe", "score", "pass8"} and all(v > 0 for v in medians.values())
+    assert "dense/sparse" in proc.stdout
