@@ -22,7 +22,10 @@ Threads default to 1: at batch size 1 and 28x28 inputs a convolution is a
 few million MACs, so intra-op threading mostly adds synchronisation
 overhead and noise; one thread measures the arithmetic saved.
 
-    .venv/bin/python bench/bench_sparse.py [--bundle DIR] [--n 300] [--threads 1] [--json out.json]
+    .venv/bin/python bench/bench_sparse.py [--bundle DIR] [--n 300] [--threads 1] [--json out.json] [--profile]
+
+``--profile`` adds where each per-image net spends its time, operator by
+operator (torch.profiler, after the timed runs, which it does not affect).
 
 If the bundle directory is absent, it says so and benchmarks a randomly
 initialised vgg-small whose ACMs are randomised (about half of the gates
@@ -77,6 +80,17 @@ def load_models(bundle_path: str | None, seed: int) -> tuple[ConvNet, ConvNet, s
     return bundle.plain.eval(), bundle.decoupled.eval(), f"bundle {path}"
 
 
+def operator_times(run, images: torch.Tensor) -> dict[str, float]:
+    """Self CPU time per image (us) of every aten operator ``run`` launches
+    over ``images`` one at a time, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(len(images)):
+            run(images[i:i + 1])
+    return {e.key: e.self_cpu_time_total / len(images) for e in prof.key_averages() if e.self_cpu_time_total > 0}
+
+
 def cpu_name() -> str:
     """platform.processor() is often empty on Linux; fall back to /proc/cpuinfo."""
     name = platform.processor()
@@ -109,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch intra-op threads (default 1: at batch 1 threading mostly adds overhead)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random fallback model")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="also run both per-image nets under torch.profiler and print where their time goes "
+                             "(self CPU time per image of the costliest operators; the profiler adds overhead)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -173,14 +190,16 @@ def main(argv: list[str] | None = None) -> dict:
             "dense_over_sparse_mean": latency["dense_gated"]["mean_ms"] / latency["sparse_gated"]["mean_ms"],
             "plain_over_sparse_median": latency["plain"]["median_ms"] / latency["sparse_gated"]["median_ms"],
             "plain_over_sparse_mean": latency["plain"]["mean_ms"] / latency["sparse_gated"]["mean_ms"],
-            "plain_folded_over_sparse_median": latency["plain_folded"]["median_ms"] / latency["sparse_gated"]["median_ms"],
+            "plain_folded_over_sparse_median":
+                latency["plain_folded"]["median_ms"] / latency["sparse_gated"]["median_ms"],
         },
         "flops": flops,
         "active_fraction": float(dense_path.mean()),
         "accuracy": accuracy,
         "agreement": {
             "max_abs_logit_diff": float((logits["dense_gated"] - logits["sparse_gated"]).abs().max()),
-            "same_prediction": float((logits["dense_gated"].argmax(1) == logits["sparse_gated"].argmax(1)).float().mean()),
+            "same_prediction":
+                float((logits["dense_gated"].argmax(1) == logits["sparse_gated"].argmax(1)).float().mean()),
             "identical_paths": float((dense_path == sparse_path).all(dim=1).float().mean()),
         },
     }
@@ -210,6 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
     ag = result["agreement"]
     print(f"dense vs sparse: max |logit diff| {ag['max_abs_logit_diff']:.2e}, same prediction "
           f"{ag['same_prediction']:.4f}, identical paths {ag['identical_paths']:.4f}")
+    if args.profile:
+        result["profile_us_per_image"] = profile = {
+            name: operator_times(runners[name], images) for name in ("sparse_gated", "plain_folded")}
+        print("under torch.profiler, self CPU time per image (us), the costliest operators:")
+        ops = sorted(set(profile["sparse_gated"]) | set(profile["plain_folded"]),
+                     key=lambda op: -max(profile["sparse_gated"].get(op, 0), profile["plain_folded"].get(op, 0)))
+        print(f"  {'operator':34s}{'sparse_gated':>14s}{'plain_folded':>14s}")
+        for op in ops[:12]:
+            print(f"  {op:34s}{profile['sparse_gated'].get(op, 0):14.0f}{profile['plain_folded'].get(op, 0):14.0f}")
+        totals = [sum(profile[net].values()) for net in ("sparse_gated", "plain_folded")]
+        print(f"  {'total':34s}{totals[0]:14.0f}{totals[1]:14.0f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
                           "always a padded pass of forward_chunk")
     engine: Literal["auto", "sparse", "dense"] = Field(
         "auto", description="how the forward pass runs (pathguard.detector.inspection): 'sparse' image by image, "
-                            "skipping switched-off filters (a lone image 2.1-2.4x faster on the CPU); 'dense' "
+                            "skipping switched-off filters (a lone image 2.1-2.5x faster on the CPU); 'dense' "
                             "the whole pass at once; 'auto' = sparse on the CPU, dense on a GPU")
     inference_timeout_s: float = Field(10.0, gt=0, le=3600, description="per-request time limit")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")

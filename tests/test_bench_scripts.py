@@ -235,3 +235,26 @@ def test_bench_engines_compares_the_two_forward_engines(tmp_path):
         medians = summary["median_ms"][engine]
         assert set(medians) == {"inspect", "observe", "score", "pass8"} and all(v > 0 for v in medians.values())
     assert "dense/sparse" in proc.stdout
+
+
+def test_bench_sparse_times_the_four_nets_and_profiles_the_per_image_ones(tmp_path):
+    # the shipped bundle, 12 images: every latency, the ratios computed from them, the agreement
+    # checks, and --profile's operator table of both per-image nets
+    out = tmp_path / "sparse.json"
+    proc = run_script("bench_sparse.py", "--n", "12", "--warmup", "2", "--profile", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    latency = result["latency"]
+    assert set(latency) == {"plain", "dense_gated", "sparse_gated", "plain_folded"}
+    assert result["speedup"]["plain_folded_over_sparse_median"] == pytest.approx(
+        latency["plain_folded"]["median_ms"] / latency["sparse_gated"]["median_ms"])
+    assert result["agreement"]["identical_paths"] == 1.0 and result["agreement"]["same_prediction"] == 1.0
+    assert result["agreement"]["max_abs_logit_diff"] < 1e-4
+    assert 0 < result["flops"]["ratio_vs_plain"] < 1
+    profile = result["profile_us_per_image"]
+    for net in ("sparse_gated", "plain_folded"):
+        # both run convolutions; only the skipping net gathers weights
+        assert any("conv" in op and t > 0 for op, t in profile[net].items()), profile[net]
+    assert profile["sparse_gated"].get("aten::index_select", 0) > 0
+    assert profile["plain_folded"].get("aten::index_select", 0) == 0
+    assert "under torch.profiler" in proc.stdout and "skipping alone" in proc.stdout
