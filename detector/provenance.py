@@ -57,13 +57,20 @@ ablates them with the others, on validation only):
 ``channel_p_values`` and ``layer_classes`` give the per-image evidence the
 service and ``pathguard explain`` report: which channel deviates most, and
 which class each gated layer's path points to.
+
+Fitting several of them on one clean batch (``pathguard fit --score auto``)
+repeats the same per-layer softmax regressions; inside
+``shared_classifier_fits()`` each distinct one is fitted once and copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -461,8 +468,41 @@ class ChannelScore(PathScore):
                                   for i in range(int(extra["gated_layers"]))]
 
 
+# The fits shared inside ``shared_classifier_fits()``; None outside it.
+_SHARED_FITS: ContextVar[dict | None] = ContextVar("pathguard_shared_classifier_fits", default=None)
+
+
+@contextmanager
+def shared_classifier_fits() -> Iterator[None]:
+    """Within this block, a softmax regression asked for twice on the same
+    inputs (features, labels, seed) is fitted once, and each caller gets its
+    own copy.
+
+    ``pathguard fit --score auto`` fits every registered score on the same
+    clean batch, and every channel score fits the same per-layer path
+    classifiers (``path_classifiers_``: same rows, labels and seed), so
+    most of its logistic regressions were the same fit made again: on the
+    plumbing test's model, 30 fits, most of the fitting time.  lbfgs is
+    deterministic, so a shared fit is the fit that would have been made.
+    Outside the block nothing is kept: a detector's ``fit`` has no hidden
+    state."""
+    token = _SHARED_FITS.set({} if _SHARED_FITS.get() is None else _SHARED_FITS.get())
+    try:
+        yield
+    finally:
+        _SHARED_FITS.reset(token)
+
+
 def _fit_classifier(x: torch.Tensor, labels: torch.Tensor, seed: int) -> SoftmaxRegression:
-    return SoftmaxRegression.fit(x.numpy(), labels.numpy(), seed)
+    shared = _SHARED_FITS.get()
+    if shared is None:
+        return SoftmaxRegression.fit(x.numpy(), labels.numpy(), seed)
+    features, targets = np.ascontiguousarray(x.numpy()), np.ascontiguousarray(labels.numpy())
+    key = (features.shape, str(features.dtype), hashlib.sha256(features.tobytes()).hexdigest(),
+           hashlib.sha256(targets.astype(np.int64).tobytes()).hexdigest(), int(seed))
+    if key not in shared:
+        shared[key] = SoftmaxRegression.fit(features, targets, seed)
+    return shared[key].copy()
 
 
 # ------------------------------------------------------------ registered

@@ -16,6 +16,7 @@ from pathguard.detector.provenance import (
     exponential_tail,
     layer_view,
     parse_channel,
+    shared_classifier_fits,
     silverman_bandwidth,
     upper_tail_log_p,
 )
@@ -265,3 +266,41 @@ def test_score_and_evidence_together_equal_them_apart(fitted):
     scores, evidence = fitted.score_and_evidence(probe)
     np.testing.assert_array_equal(scores, fitted.score_samples(probe))
     assert evidence == fitted.evidence(probe)
+
+
+def test_shared_classifier_fits_fit_each_classifier_once_and_change_nothing(monkeypatch):
+    # what `pathguard fit --score auto` does: every channel score on one clean batch
+    from pathguard.detector import baselines
+
+    clean = synthetic(240, seed=0)
+    names = [n for n in PATH_SCORES if issubclass(type(make_detector(n)), ChannelScore)]
+    assert len(names) >= 3
+    apart = {n: make_detector(n).fit(clean) for n in names}
+
+    fits = []
+    real_fit = baselines.SoftmaxRegression.fit.__func__
+
+    def counting_fit(cls, x, labels, seed):
+        fits.append(x.shape)
+        return real_fit(cls, x, labels, seed)
+
+    monkeypatch.setattr(baselines.SoftmaxRegression, "fit", classmethod(counting_fit))
+    for n in names:
+        make_detector(n).fit(clean)
+    made_apart = len(fits)
+    fits.clear()
+    with shared_classifier_fits():
+        shared = {n: make_detector(n).fit(clean) for n in names}
+    # one fit per distinct (layer, rows, labels, seed): the per-layer path classifiers once for all
+    assert 0 < len(fits) < made_apart and len(fits) == len(set(fits)), (len(fits), made_apart)
+    probe = synthetic(30, seed=1, shift_block0=2.0)
+    for n in names:
+        a, b = apart[n].state_tensors(), shared[n].state_tensors()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), n
+        assert np.array_equal(apart[n].score_samples(probe), shared[n].score_samples(probe)), n
+    # each detector owns its copy (safetensors stores no tensor twice), and nothing is kept after the block
+    first, second = shared[names[0]].path_classifiers_[0], shared[names[1]].path_classifiers_[0]
+    assert first.coef.data_ptr() != second.coef.data_ptr()
+    fits.clear()
+    make_detector(names[0]).fit(clean)
+    assert len(fits) > 0

@@ -37,6 +37,7 @@ from pathguard.detector.detectors import DETECTORS, PATH_SCORES, PathScore, make
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import PathBatch, correct_mask, observe
+from pathguard.detector.provenance import shared_classifier_fits
 from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
 from .config import BundleOptions, as_json, check, device_option, option
@@ -150,11 +151,13 @@ def fit_bundle(cfg: Config) -> dict:
     blocks = any("blocks" in DETECTORS[name].requires for name in names)
     train_batch = observe(model, train.images, labels=train.labels, blocks=blocks)
     candidates = {}
-    for name in names:
-        started_fit = time.time()
-        candidates[name] = make_detector(name, target_fpr=cfg.target_fpr, smoothing=cfg.smoothing).fit(train_batch)
-        if cfg.progress:
-            print(f"fitted {name} in {time.time() - started_fit:.1f} s")
+    with shared_classifier_fits():  # the scores' identical per-layer classifiers are fitted once
+        for name in names:
+            started_fit = time.time()
+            candidates[name] = make_detector(name, target_fpr=cfg.target_fpr,
+                                             smoothing=cfg.smoothing).fit(train_batch)
+            if cfg.progress:
+                print(f"fitted {name} in {time.time() - started_fit:.1f} s")
     del train_batch
     table = ablation(candidates, observe(model, ablation_set.images, blocks=blocks),
                      _attack_batches(model, ablation_set, cfg, blocks))
