@@ -497,7 +497,8 @@ def _fit_classifier(x: torch.Tensor, labels: torch.Tensor, seed: int) -> Softmax
     shared = _SHARED_FITS.get()
     if shared is None:
         return SoftmaxRegression.fit(x.numpy(), labels.numpy(), seed)
-    features, targets = np.ascontiguousarray(x.numpy()), np.ascontiguousarray(labels.numpy())
+    features, targets = x.numpy(), labels.numpy()  # fitted as given, exactly as outside the block
+    # tobytes() is the values in C order whatever the memory layout
     key = (features.shape, str(features.dtype), hashlib.sha256(features.tobytes()).hexdigest(),
            hashlib.sha256(targets.astype(np.int64).tobytes()).hexdigest(), int(seed))
     if key not in shared:
