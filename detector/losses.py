@@ -19,8 +19,10 @@ def alignment_loss(layer_output: torch.Tensor, gate: torch.Tensor) -> torch.Tens
 
     Pulls the encoding vector toward the filters that actually respond to
     the image: a gate should be on where the (pre-gate) output is strong.
+    The spatial mean is taken in float32 whatever the output's dtype (a
+    bfloat16 output of `pathguard train --precision bf16` is not copied).
     """
-    target = F.softmax(layer_output.mean(dim=(2, 3)), dim=1)
+    target = F.softmax(layer_output.mean(dim=(2, 3), dtype=torch.float32), dim=1)
     return F.kl_div(F.log_softmax(gate, dim=1), target, reduction="batchmean")
 
 

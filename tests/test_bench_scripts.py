@@ -258,3 +258,19 @@ def test_bench_sparse_times_the_four_nets_and_profiles_the_per_image_ones(tmp_pa
     assert profile["sparse_gated"].get("aten::index_select", 0) > 0
     assert profile["plain_folded"].get("aten::index_select", 0) == 0
     assert "under torch.profiler" in proc.stdout and "skipping alone" in proc.stdout
+
+
+def test_bench_train_times_both_precisions_of_both_steps(tmp_path):
+    # the small backbone, two timed steps: every median, the ratio computed from them, the recipe's estimate
+    out = tmp_path / "train.json"
+    proc = run_script("bench_train.py", "--architecture", "vgg-small", "--steps", "2", "--warmup", "1",
+                      "--batch-size", "32", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["kinds"]) == {"plain", "decoupled"} and result["steps"] == 2
+    for kind in result["kinds"].values():
+        median = kind["median_s"]
+        assert set(median) == {"fp32", "bf16"} and all(v > 0 for v in median.values())
+        assert kind["ratio_fp32_over_bf16"] == pytest.approx(median["fp32"] / median["bf16"])
+    assert result["recipe_s"]["fp32"] > 0 and result["recipe_s"]["bf16"] > 0
+    assert "fp32/bf16" in proc.stdout and "the default recipe's" in proc.stdout

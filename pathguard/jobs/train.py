@@ -12,6 +12,7 @@ Ctrl-C stops training and writes the bundle from the best checkpoint so far.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -36,6 +37,8 @@ from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for
 from pathguard.detector.paths import device_of
 
 from .config import check, option
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -106,6 +109,12 @@ class Config:
     threads: int | None = option(None, "torch threads (default: torch's choice)", kind=int, minimum=1)
     device: str = option("auto", "where to train: auto (the GPU if PyTorch sees one), cpu or cuda",
                          choices=DEVICES)
+    # bf16 autocast halves the time of a training step on a CPU with AMX or
+    # AVX512-BF16 (bench/bench_train.py); like TF32 on a GPU, it is one more
+    # source of noise in SGD.  Everything measured stays float32.
+    precision: str = option("fp32", "arithmetic of the training passes: fp32, or bf16 (autocast: convolutions "
+                            "and products in bfloat16; weights, optimiser, losses, validation and the card in "
+                            "float32)", choices=PRECISIONS)
     progress: bool = option(True, "progress bars")
 
 
@@ -140,6 +149,26 @@ def _cosine(optimizer, epochs: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
 
+def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context of a training pass: bfloat16 autocast for ``bf16``
+    (convolutions and linear layers in bfloat16, reductions and the rest
+    in float32), nothing for ``fp32``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: {precision!r} is not one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 convolutions run in hardware here (AVX512-BF16 or
+    AMX on a CPU, a GPU that supports it); elsewhere they are emulated and
+    slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class _Stage:
     """One training stage: a model, its optimizer, its best checkpoint."""
 
@@ -161,24 +190,34 @@ class _Stage:
         self.history: list[dict] = []
         self.checkpoint: Path | None = None
         self.teacher: ConvNet | None = None  # distillation source (stage 2 only)
+        self.precision = cfg.precision
 
 
 def _train_step(stage: _Stage, x: torch.Tensor, y: torch.Tensor, weights: DecouplingWeights | None) -> tuple:
-    """One optimisation step; returns (logits, terms as detached tensors)."""
+    """One optimisation step; returns (logits, terms as detached tensors).
+    The forward passes run under ``stage.precision``'s autocast; the losses
+    are computed outside it, in float32 (the layer outputs are only averaged
+    over space, in float32, by the alignment term: no full-size copies)."""
+    autocast = training_autocast(stage.precision, x.device)
     if weights is None:
-        logits = stage.model(x)
+        with autocast:
+            logits = stage.model(x)
+        logits = logits.float()
         loss = F.cross_entropy(logits, y)
         terms = {"ce": loss.detach()}
     else:
-        trace = stage.model.trace(x, keep_outputs=True)
-        logits = trace.logits
         teacher = None
-        if stage.teacher is not None:
-            with torch.no_grad():
-                teacher = stage.teacher(x)
-        loss, terms = decoupling_loss(logits, y, trace.gates, trace.outputs, stage.heads, weights,
-                                      gate_logits=trace.gate_logits, teacher_logits=teacher)
-        terms["on"] = trace.path.detach().mean()
+        with autocast:
+            trace = stage.model.trace(x, keep_outputs=True)
+            if stage.teacher is not None:
+                with torch.no_grad():
+                    teacher = stage.teacher(x)
+        logits = trace.logits.float()
+        gates = [g.float() for g in trace.gates]
+        loss, terms = decoupling_loss(logits, y, gates, trace.outputs, stage.heads, weights,
+                                      gate_logits=[z.float() for z in trace.gate_logits],
+                                      teacher_logits=None if teacher is None else teacher.float())
+        terms["on"] = torch.cat(gates, dim=1).detach().mean()
     stage.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     stage.optimizer.step()
@@ -306,6 +345,9 @@ def train(cfg: Config) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device, exact=False)  # TF32 while training; exact from measuring on
+    if cfg.precision == "bf16" and not bf16_is_native(device):
+        print(f"note: this {device.type} has no native bfloat16 arithmetic: --precision bf16 will be slower "
+              "than fp32 here")
     seed_everything(cfg.seed)
     started = time.time()
     data = _load_data(cfg)
