@@ -67,10 +67,12 @@ def main() -> None:
     parser.add_argument("--output", required=True)
     parser.add_argument("--device", default="cpu", help="where the card is measured")
     parser.add_argument("--trained-on", default="one NVIDIA H100 (four variants side by side)")
+    parser.add_argument("--precision", default="fp32", choices=train.PRECISIONS,
+                        help="the run's training arithmetic (model_search.py --precision), for training.json")
     args = parser.parse_args()
     started = time.time()
     cfg = train.Config(**{**BASE, **VARIANTS[args.variant], "output": args.output, "force": True,
-                          "device": args.device})
+                          "device": args.device, "precision": args.precision})
     data = train._load_data(cfg)
     c, h, _ = data.train.shape
     norm = data.record["normalisation"]
