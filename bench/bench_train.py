@@ -38,7 +38,9 @@ from bench_sparse import cpu_name  # noqa: E402
 from pathguard.detector.data import load_dataset, normalisation_stats  # noqa: E402
 from pathguard.detector.losses import DecouplingWeights  # noqa: E402
 from pathguard.detector.models import ARCHITECTURES, ConvNet, architecture_for  # noqa: E402
-from pathguard.jobs.train import PRECISIONS, Config, _stage2, _Stage, _train_step, bf16_is_native  # noqa: E402
+from pathguard.jobs.train import (  # noqa: E402
+    PRECISIONS, Config, _stage2, _Stage, _train_step, bf16_is_native, decoupling_weights,
+)
 
 TRAIN_IMAGES = 54_000  # the recipe's training part (60,000 less the 10% validation split)
 
@@ -50,10 +52,8 @@ def build_stages(cfg: Config, arch, steps: int) -> dict[str, tuple[_Stage, Decou
     plain = ConvNet(arch, gated=False)
     decoupled, _ = _stage2(cfg, arch, copy.deepcopy(plain), steps)
     decoupled.model.gate_noise, decoupled.model.gate_hard_prob = cfg.gate_noise, 0.5  # stage 2's first epoch
-    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio, cfg.mi_front_weight,
-                                cfg.mi_hard_bits, cfg.distill_weight, cfg.distill_temperature)
     stages = {"plain": (_Stage("plain", plain, cfg.lr_plain, cfg.epochs_plain, steps, cfg), None),
-              "decoupled": (decoupled, weights)}
+              "decoupled": (decoupled, decoupling_weights(cfg))}
     for stage, _ in stages.values():
         stage.model.train()
     return stages

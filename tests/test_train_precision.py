@@ -8,9 +8,9 @@ import torch
 
 from pathguard.detector.artifacts import read_json
 from pathguard.detector.bundle import load_bundle
-from pathguard.detector.losses import DecouplingWeights, alignment_loss
+from pathguard.detector.losses import alignment_loss
 from pathguard.detector.models import ConvNet, architecture_for
-from pathguard.jobs.train import Config, _stage2, _Stage, _train_step, train, training_autocast
+from pathguard.jobs.train import Config, _stage2, _Stage, _train_step, decoupling_weights, train, training_autocast
 
 
 def _stages(precision: str):
@@ -20,8 +20,7 @@ def _stages(precision: str):
     plain = ConvNet(arch, gated=False)
     decoupled, _ = _stage2(cfg, arch, ConvNet(arch, gated=False), steps=10)
     plain_stage = _Stage("plain", plain, cfg.lr_plain, 1, 10, cfg)
-    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio,
-                                distill_weight=cfg.distill_weight)
+    weights = decoupling_weights(cfg)
     for stage in (plain_stage, decoupled):
         stage.model.train()
     return {"plain": (plain_stage, None), "decoupled": (decoupled, weights)}

@@ -174,6 +174,12 @@ def bf16_is_native(device: torch.device) -> bool:
         return False
 
 
+def decoupling_weights(cfg: Config) -> DecouplingWeights:
+    """The weights of stage 2's objective, as ``cfg`` sets them."""
+    return DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio, cfg.mi_front_weight,
+                             cfg.mi_hard_bits, cfg.distill_weight, cfg.distill_temperature)
+
+
 class _Stage:
     """One training stage: a model, its optimizer, its best checkpoint."""
 
@@ -363,8 +369,7 @@ def train(cfg: Config) -> Path:
     arch = architecture_for(cfg.architecture, c, h, len(data.classes), norm["mean"], norm["std"])
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = math.ceil(len(data.train) / cfg.batch_size)
-    weights = DecouplingWeights(cfg.lambda_k, cfg.lambda_m, cfg.lambda_s, cfg.target_ratio, cfg.mi_front_weight,
-                                cfg.mi_hard_bits, cfg.distill_weight, cfg.distill_temperature)
+    weights = decoupling_weights(cfg)
 
     plain = ConvNet(arch, gated=False).to(device)
     stage1 = _Stage("plain", plain, cfg.lr_plain, cfg.epochs_plain, steps, cfg)
