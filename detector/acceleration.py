@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import ConvNet, max_pool_2x2
+from .models import SPREAD_EPS, ConvNet, max_pool_2x2
 from .paths import PathBatch, observe, split_layers
 
 KERNEL = 9  # 3 x 3 convolutions throughout (models.ConvBlock)
@@ -225,6 +225,8 @@ class SparseTrace:
     features: torch.Tensor | None = None  # (C_last,) full width, zeros where a filter was off
     # every block's gated output averaged over space, full width ((C_out,) each), when asked for
     block_features: list[torch.Tensor] = field(default_factory=list)
+    # and its standard deviation over space (models.spatial_spread), full width
+    block_spreads: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def path(self) -> torch.Tensor:
@@ -299,7 +301,8 @@ class SparseGatedNet(nn.Module):
     @torch.no_grad()
     def trace_one(self, x: torch.Tensor, count: bool = False, blocks: bool = False) -> SparseTrace:
         """Run one image, (C, H, W) or (1, C, H, W); ``blocks=True`` also
-        keeps every block's spatial mean (``Trace.block_features``).
+        keeps every block's spatial mean and spread (``Trace.block_features``,
+        ``Trace.block_spreads``).
 
         Written for few kernel launches, since at batch 1 each costs about
         as much as the arithmetic of a small layer (``bench/bench_sparse.py``):
@@ -316,7 +319,7 @@ class SparseGatedNet(nn.Module):
         h = (x - self.mean) / self.std
         active = None  # indices of h's channels in the full layer width; None = all of them
         n_active = h.shape[1]  # len(active), read from .shape: Tensor.__len__ is a Python call
-        gate_logits, actives, block_features = [], [], []
+        gate_logits, actives, block_features, block_spreads = [], [], [], []
         macs = 0
         for w, b, control, pool, acm_macs in self._layers:
             c_out = w.shape[0]
@@ -358,6 +361,8 @@ class SparseGatedNet(nn.Module):
                     h = h.relu_()
             if blocks:
                 block_features.append(_full_width(_spatial_mean(h), out_idx, c_out))
+                # a switched-off channel is constant zero in the dense model: spread sqrt(eps)
+                block_spreads.append(_full_width(_spatial_spread(h), out_idx, c_out, fill=SPREAD_EPS ** 0.5))
             if pool:
                 if h.shape[1] == 0:
                     h = h.new_zeros(1, 0, height // 2, width // 2)
@@ -373,7 +378,8 @@ class SparseGatedNet(nn.Module):
             macs += head_weight.shape[0] * head_weight.shape[1]
         features = _full_width(features, active, self.head_weight.shape[1])
         gates = list(torch.cat(gate_logits).gt(0).to(x.dtype).split(self.gated_widths)) if gate_logits else []
-        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0, features, block_features)
+        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0, features, block_features,
+                           block_spreads)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -407,7 +413,8 @@ class SparseGatedNet(nn.Module):
         return PathBatch(
             torch.stack([t.logits for t in traces]), paths, gate_logits, torch.stack([t.features for t in traces]),
             widths,
-            blocks=[torch.stack(parts) for parts in zip(*(t.block_features for t in traces))] if blocks else [])
+            blocks=[torch.stack(parts) for parts in zip(*(t.block_features for t in traces))] if blocks else [],
+            spreads=[torch.stack(parts) for parts in zip(*(t.block_spreads for t in traces))] if blocks else [])
 
 
 def _slice_filters(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
@@ -434,13 +441,21 @@ def _spatial_mean(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(h.shape[1], h.shape[2] * h.shape[3]).mean(1)
 
 
-def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
+def _spatial_spread(h: torch.Tensor) -> torch.Tensor:
+    """(C,): one image's (1, C, H, W) map's per-channel spread over space,
+    as ``models.spatial_spread`` computes it; C may be 0."""
+    flat = h.reshape(h.shape[1], h.shape[2] * h.shape[3])
+    return (flat.var(1, correction=0) + SPREAD_EPS).sqrt()
+
+
+def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int, fill: float = 0.0) -> torch.Tensor:
     """``values`` of the channels ``index`` (None = all of them) scattered
-    into a zero vector of ``width``: what the dense gated model holds, whose
-    switched-off channels are exactly zero."""
+    into a vector of ``width`` filled with ``fill``: what the dense gated
+    model holds, whose switched-off channels are exactly zero (their mean
+    0, their spread sqrt(SPREAD_EPS))."""
     if index is None:
         return values
-    full = values.new_zeros(width)
+    full = values.new_full((width,), fill)
     full[index] = values
     return full
 

@@ -5,7 +5,7 @@ detectors (path-supervised; channels-supervised, on detector v2's
 channels) and the baselines (max-softmax, mahalanobis, lid, energy,
 mahalanobis-multi, knn, nic) and detector v2's channel scores
 (provenance.py: class-evidence, provenance, path-knn, fusion, fusion-path,
-fusion-fisher); ``make_detector(name, **params)`` builds one and
+fusion-moments, fusion-fisher); ``make_detector(name, **params)`` builds one and
 ``Detector.from_saved`` reloads any of them.
 """
 

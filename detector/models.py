@@ -16,6 +16,18 @@ from torch import nn
 from .gates import ArchitectureControl, binary_gate, training_gate
 
 POOL = "M"
+# Added to a channel's spatial variance before its square root: a constant
+# channel (a switched-off filter, a dead ReLU) then has spread 1e-3 and a
+# finite gradient, which the adaptive attack differentiates through.
+SPREAD_EPS = 1e-6
+
+
+def spatial_spread(activation: torch.Tensor) -> torch.Tensor:
+    """(N, C): each channel's standard deviation over space,
+    sqrt(var + SPREAD_EPS), of an (N, C, H, W) map.  Strong L-inf attacks
+    add high-frequency energy that a spatial mean averages away and the
+    spread keeps (docs/method.md, "Detector v2")."""
+    return (activation.var(dim=(2, 3), correction=0) + SPREAD_EPS).sqrt()
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +141,9 @@ class Trace:
     order of the gated convolutions from input to output.  The rest is
     filled only when asked for, because it is large: ``outputs`` holds each
     gated layer's output *before* gating (o_l of the decoupling objective,
-    docs/method.md), ``activations`` every block's gated output and
-    ``block_features`` every block's gated output averaged over space.
+    docs/method.md), ``activations`` every block's gated output,
+    ``block_features`` every block's gated output averaged over space and
+    ``block_spreads`` its standard deviation over space (``spatial_spread``).
     """
 
     logits: torch.Tensor
@@ -140,6 +153,7 @@ class Trace:
     outputs: list[torch.Tensor] = field(default_factory=list)
     activations: list[torch.Tensor] = field(default_factory=list)
     block_features: list[torch.Tensor] = field(default_factory=list)
+    block_spreads: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def path(self) -> torch.Tensor:
@@ -264,6 +278,7 @@ class ConvNet(nn.Module):
                 trace.activations.append(step.activation)
             if keep_blocks:
                 trace.block_features.append(step.activation.mean(dim=(2, 3)))
+                trace.block_spreads.append(spatial_spread(step.activation))
             h = step.output
         trace.features = h.mean(dim=(2, 3))
         trace.logits = self.head(self.dropout(trace.features))

@@ -24,7 +24,8 @@ class PathBatch:
 
     ``widths`` are the gated layers' sizes (the path's layout); ``labels``
     are the true classes where known (clean training data), else None.
-    ``blocks`` (pooled features of every block) and ``activations`` (every
+    ``blocks`` (pooled features of every block), ``spreads`` (every block's
+    per-channel standard deviation over space) and ``activations`` (every
     block's flattened activations, then the features and the logits) are
     empty unless asked for.
     """
@@ -37,6 +38,7 @@ class PathBatch:
     labels: torch.Tensor | None = None
     blocks: list[torch.Tensor] = field(default_factory=list)
     activations: list[torch.Tensor] = field(default_factory=list)
+    spreads: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -55,7 +57,7 @@ class PathBatch:
         if trace.activations:
             activations = [a.flatten(1) for a in trace.activations] + [trace.features, trace.logits]
         return cls(trace.logits, trace.path, trace.path_logits, trace.features, list(widths),
-                   blocks=list(trace.block_features), activations=activations)
+                   blocks=list(trace.block_features), activations=activations, spreads=list(trace.block_spreads))
 
     def subset(self, index) -> "PathBatch":
         """Rows ``index`` (a boolean mask or integer indices)."""
@@ -63,7 +65,8 @@ class PathBatch:
         return replace(self, logits=self.logits[index], paths=self.paths[index],
                        gate_logits=self.gate_logits[index], features=self.features[index],
                        labels=None if self.labels is None else self.labels[index],
-                       blocks=[b[index] for b in self.blocks], activations=[a[index] for a in self.activations])
+                       blocks=[b[index] for b in self.blocks], activations=[a[index] for a in self.activations],
+                       spreads=[s[index] for s in self.spreads])
 
     @classmethod
     def concat(cls, batches: list["PathBatch"]) -> "PathBatch":
@@ -75,7 +78,7 @@ class PathBatch:
                 continue
             if f.name == "labels":
                 tensors[f.name] = None if any(v is None for v in values) else torch.cat(values)
-            elif f.name in ("blocks", "activations"):
+            elif f.name in ("blocks", "activations", "spreads"):
                 tensors[f.name] = [torch.cat(parts) for parts in zip(*values)]
             else:
                 tensors[f.name] = torch.cat(values)
@@ -118,7 +121,7 @@ def observe(model: ConvNet, images: torch.Tensor, batch_size: int = 500, labels:
 def _to_cpu(trace: Trace, gated: bool) -> Trace:
     cpu = Trace(trace.logits.cpu(), trace.features.cpu(), [z.cpu() for z in trace.gate_logits],
                 [v.cpu() for v in trace.gates], [], [a.cpu() for a in trace.activations],
-                [b.cpu() for b in trace.block_features])
+                [b.cpu() for b in trace.block_features], [s.cpu() for s in trace.block_spreads])
     if not gated:  # a plain network has no gates: an empty path
         n = len(cpu.logits)
         cpu.gate_logits, cpu.gates = [torch.zeros(n, 0)], [torch.zeros(n, 0)]

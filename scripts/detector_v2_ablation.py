@@ -39,13 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from channel_validation import combine, fit_on_validation, write_json  # noqa: E402
 
 RULE_ATTACKS = ("fgsm", "pgd", "cw")
-REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-fisher")
+REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-moments", "fusion-fisher")
 
 
 def all_channels(n_blocks: int, n_gated: int) -> tuple[str, ...]:
     blocks = [f"block{i}" for i in range(n_blocks)]
     gates = [f"gates{i}" for i in range(n_gated)]
-    return (*(f"value:{b}" for b in blocks + gates), *(f"evidence:{b}" for b in blocks + gates),
+    moments = [f"{kind}{i}" for kind in ("spread", "moments") for i in range(n_blocks)]
+    return (*(f"value:{b}" for b in blocks + moments + gates), *(f"evidence:{b}" for b in blocks + gates),
             *(f"agreement:{a}+{b}" for a, b in zip(blocks, blocks[1:])),
             *(f"agreement:{a}+{b}" for a, b in zip(gates, gates[1:])),
             "knn:" + "+".join(blocks), "confidence", "path")

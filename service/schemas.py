@@ -155,7 +155,7 @@ class ReadyResponse(BaseModel):
 
 
 class DetectorInfo(BaseModel):
-    score: str = Field(..., examples=["fusion-path"])
+    score: str = Field(..., examples=["fusion-moments"])
     threshold: float
     target_fpr: float = Field(..., examples=[0.05])
 

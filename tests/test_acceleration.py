@@ -20,7 +20,7 @@ from pathguard.detector.acceleration import (
     flop_summary,
     randomise_controls,
 )
-from pathguard.detector.models import ARCHITECTURES, Architecture, ConvNet
+from pathguard.detector.models import ARCHITECTURES, SPREAD_EPS, Architecture, ConvNet
 
 torch.set_num_threads(1)
 
@@ -271,12 +271,17 @@ def assert_observes_like_dense(model: ConvNet, images: torch.Tensor) -> None:
     assert len(sparse.blocks) == len(dense.blocks) == len(model.blocks)
     for got, want in zip(sparse.blocks, dense.blocks):  # every block's spatial means, full width
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
-    # switched-off filters are exact zeros, as in the dense model's gated output
+    assert len(sparse.spreads) == len(dense.spreads) == len(model.blocks)
+    for got, want in zip(sparse.spreads, dense.spreads):  # and spreads over space
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+    # switched-off filters are exact zeros, as in the dense model's gated output: mean 0, spread sqrt(eps)
     gated = [i for i, block in enumerate(model.blocks) if block.control is not None]
     for layer, index in enumerate(gated):
         off = sparse.paths[:, sum(sparse.widths[:layer]):sum(sparse.widths[:layer + 1])] == 0
         assert (sparse.blocks[index][off] == 0).all()
+        assert torch.allclose(sparse.spreads[index][off], torch.tensor(SPREAD_EPS ** 0.5))
     assert SparseGatedNet(model).observe(images).blocks == []  # only when asked for
+    assert SparseGatedNet(model).observe(images).spreads == []
 
 
 def test_sparse_observe_matches_dense_observe_on_real_images(vgg_small, fmnist_test):

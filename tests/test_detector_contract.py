@@ -50,8 +50,10 @@ def observations(n: int, seed: int, outlier: bool = False) -> PathBatch:
     # every block's pooled features (detector v2 and mahalanobis-multi read them): the class-carrying
     # features beside part of each activation
     blocks = [torch.cat([features, a[:, :4]], 1) for a in acts]
+    # and their spreads over space (fusion-moments reads the first): larger for the outliers
+    spreads = [a[:, 4:8].abs() + 0.1 for a in acts]
     return PathBatch(logits, paths, gate_logits, features, list(WIDTHS), labels=labels,
-                     blocks=blocks, activations=acts + [features, logits])
+                     blocks=blocks, activations=acts + [features, logits], spreads=spreads)
 
 
 # Detectors whose defaults do not make a detector: what they are given here.

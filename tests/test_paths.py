@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from pathguard.detector.models import ConvNet
+from pathguard.detector.models import SPREAD_EPS, ConvNet
 from pathguard.detector.paths import (
     active_fraction,
     class_jaccard,
@@ -162,6 +163,10 @@ def test_per_block_forward_gives_any_layers_activations(tiny_model, images):
     for index in range(len(tiny_model.blocks)):
         assert torch.equal(tiny_model.block_activations(images, index), trace.activations[index])
         assert torch.equal(trace.block_features[index], trace.activations[index].mean(dim=(2, 3)))
+        # the spread: population standard deviation over space, with SPREAD_EPS under the root
+        a = trace.activations[index].detach().double().flatten(2).numpy()
+        want = np.sqrt(a.var(axis=2) + SPREAD_EPS)
+        np.testing.assert_allclose(trace.block_spreads[index].detach().double().numpy(), want, rtol=1e-4, atol=1e-6)
     h = tiny_model.normalise(images)
     for index in range(len(tiny_model.blocks)):
         step = tiny_model.run_block(index, h)
@@ -170,6 +175,7 @@ def test_per_block_forward_gives_any_layers_activations(tiny_model, images):
     batch = observe(tiny_model, images, blocks=True, activations=True, batch_size=3)
     assert len(batch.blocks) == len(tiny_model.blocks) and len(batch) == len(images)
     assert torch.allclose(batch.blocks[0], trace.block_features[0])
+    assert len(batch.spreads) == len(tiny_model.blocks) and torch.allclose(batch.spreads[1], trace.block_spreads[1])
     assert len(batch.activations) == len(tiny_model.blocks) + 2  # + features and logits
 
 

@@ -51,8 +51,10 @@ def synthetic(n: int, seed: int, shift_block0: float = 0.0, unsure: bool = False
         logits[torch.arange(n), labels] = 0.05 + 0.05 * torch.rand(n, generator=gen)
     else:
         logits[torch.arange(n), labels] += 5.0
+    # the blocks' spatial spreads: around a class-free level (with_spreads below varies them)
+    spreads = [1.0 + 0.1 * torch.randn(n, d, generator=gen) for d in BLOCK_DIMS]
     return PathBatch(logits, (gate_logits > 0).float(), gate_logits, blocks[-1], list(WIDTHS), labels=labels,
-                     blocks=blocks)
+                     blocks=blocks, spreads=spreads)
 
 
 ALL_KINDS = ("value:block0", "evidence:block1", "agreement:block0+gates1", "confidence", "path",
@@ -235,6 +237,36 @@ def test_default_channels_follow_the_model():
     head = batch.subset(torch.arange(20))
     log_p = with_path.channel_log_p(head)
     np.testing.assert_allclose(with_path.score_samples(head), -log_p.min(1).values.numpy())
+
+
+def with_spreads(batch: PathBatch, seed: int, noisy_block0: float = 0.0) -> PathBatch:
+    """``batch`` with per-block spreads around a class-free level; with
+    ``noisy_block0`` the first block's spreads are raised (what high-frequency
+    noise does to a first convolution) while its means stay where they were."""
+    gen = torch.Generator().manual_seed(seed)
+    batch.spreads = [1.0 + 0.1 * torch.randn(len(batch), d, generator=gen) for d in BLOCK_DIMS]
+    batch.spreads[0] = batch.spreads[0] + noisy_block0
+    return batch
+
+
+def test_spread_and_moments_views_and_the_fusion_that_reads_them():
+    batch = with_spreads(synthetic(400, seed=0), seed=3)
+    assert torch.equal(layer_view(batch, "spread2"), batch.spreads[2].double())
+    assert torch.equal(layer_view(batch, "moments0"), torch.cat([batch.blocks[0], batch.spreads[0]], 1).double())
+    moments = make_detector("fusion-moments", max_fit=400).fit(batch)
+    assert moments.channels_ == ("value:moments0", "confidence", "path") and moments.combine == "min-p"
+    # noise that leaves the first block's means alone: the mean-only fusion misses it, the moments see it
+    clean, noisy = with_spreads(synthetic(60, seed=8), seed=9), with_spreads(synthetic(60, seed=8), seed=9,
+                                                                              noisy_block0=1.0)
+    mean_only = make_detector("fusion-path", max_fit=400).fit(batch)
+    assert np.allclose(mean_only.score_samples(noisy), mean_only.score_samples(clean))
+    assert (moments.score_samples(noisy) > moments.score_samples(clean)).all()
+    assert make_detector("fusion-moments").fit(batch).evidence(noisy)[0]["most_deviating"] == "value:moments0"
+    saved = Detector.from_saved(moments.config(), moments.state_tensors())
+    np.testing.assert_allclose(saved.score_samples(noisy), moments.score_samples(noisy))
+    batch.spreads = []
+    with pytest.raises(ValueError, match="no block spreads"):
+        layer_view(batch, "moments0")
 
 
 def test_bad_channels_and_missing_blocks_are_refused_clearly():

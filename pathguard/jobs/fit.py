@@ -59,7 +59,7 @@ class Config(BundleOptions):
     # The default is the shipped bundle's score, chosen on its validation split
     # (scripts/fusion_validation_check.py); "auto" fits every score and keeps
     # the one with the best mean validation AUROC over the ablation attacks.
-    score: str = option("fusion-path", "path score; auto = the ablation's winner over every score",
+    score: str = option("fusion-moments", "path score; auto = the ablation's winner over every score",
                         choices=("auto", *PATH_SCORES))
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)
