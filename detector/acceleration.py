@@ -361,7 +361,6 @@ class SparseGatedNet(nn.Module):
                     h = h.relu_()
             if blocks:
                 block_features.append(_full_width(_spatial_mean(h), out_idx, c_out))
-                # a switched-off channel is constant zero in the dense model: spread sqrt(eps)
                 block_spreads.append(_full_width(_spatial_spread(h), out_idx, c_out, fill=SPREAD_EPS ** 0.5))
             if pool:
                 if h.shape[1] == 0:

@@ -25,12 +25,12 @@ EXAMPLE_DETECT_REQUEST = {"images": [{"data": EXAMPLE_PNG_BASE64, "filename": EX
                           "resize": False, "resize_mode": "pad", "include_path": False}
 # The shipped bundle's answer for it (rounded), for the response examples.
 EXAMPLE_RESULT = {"index": 0, "filename": EXAMPLE_FILENAME, "predicted_class": 6, "label": "Shirt",
-                  "confidence": 0.99675, "adversarial": False, "score": 0.68905, "threshold": 3.81635,
+                  "confidence": 0.99675, "adversarial": False, "score": 0.68905, "threshold": 3.78939,
                   "layer_deviations": [0.06452, 0.07087, 0.0, 0.10241, 0.22917, 0.10853],
                   "active_fraction": 0.52665, "resized": False,
                   "evidence": {"most_deviating": "confidence",
                                "layer_classes": ["Pullover", "Pullover", "Pullover", "Shirt", "Shirt", "Shirt"],
-                               "p_values": {"value:block0": 0.83423, "confidence": 0.50206, "path": 0.75329},
+                               "p_values": {"value:moments0": 0.87083, "confidence": 0.50206, "path": 0.75329},
                                "early_class": "Pullover"}}
 
 ResizeMode = Literal["pad", "crop", "stretch"]  # images.RESIZE_MODES
@@ -91,7 +91,7 @@ class DetectRequest(BaseModel):
 
 class Evidence(BaseModel):
     most_deviating: str = Field(..., description="the detector's most deviating check: a channel such as "
-                                "`value:block0` (the first block's activations against the predicted class) or "
+                                "`value:moments0` (the first block's activations against the predicted class) or "
                                 "`confidence`, or for the first path scores `gated layer I`")
     p_values: dict[str, float] | None = Field(
         None, description="per channel, the share of clean held-out images that deviate at least as much "
