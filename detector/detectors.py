@@ -5,7 +5,7 @@ detectors (path-supervised; channels-supervised, on detector v2's
 channels) and the baselines (max-softmax, mahalanobis, lid, energy,
 mahalanobis-multi, knn, nic) and detector v2's channel scores
 (provenance.py: class-evidence, provenance, path-knn, fusion, fusion-path,
-fusion-moments, fusion-fisher); ``make_detector(name, **params)`` builds one and
+fusion-moments, fusion-evidence, fusion-fisher); ``make_detector(name, **params)`` builds one and
 ``Detector.from_saved`` reloads any of them.
 """
 
@@ -24,7 +24,9 @@ from .baselines import (
 from .provenance import (
     ChannelScore,
     ClassEvidenceScore,
+    FusionEvidenceScore,
     FusionFisherScore,
+    FusionMomentsScore,
     FusionPathScore,
     FusionScore,
     PathKNNScore,
@@ -41,7 +43,7 @@ PATH_SCORES = tuple(name for name, cls in DETECTORS.items()
 
 __all__ = [
     "DETECTORS", "KNN", "LID", "NIC", "PATH_SCORES", "ChannelScore", "ChannelSupervisedDetector", "ClassEvidenceScore",
-    "Detector", "Energy", "FusionFisherScore", "FusionPathScore", "FusionScore", "Mahalanobis", "MaxSoftmax",
-    "MultiLayerMahalanobis", "NotFittedError",
+    "Detector", "Energy", "FusionEvidenceScore", "FusionFisherScore", "FusionMomentsScore", "FusionPathScore",
+    "FusionScore", "Mahalanobis", "MaxSoftmax", "MultiLayerMahalanobis", "NotFittedError",
     "PathKNNScore", "PathScore", "ProvenanceScore", "SupervisedPathDetector", "make_detector", "register",
 ]

@@ -55,6 +55,8 @@ ablates them with the others, on validation only):
                   whose paths carry the class: issue 10's candidate)
   fusion-moments  value:moments0 (the first block's spatial mean and
                   spread), confidence and path, min-p
+  fusion-evidence value:moments0, confidence and the middle block's
+                  evidence (evidence:block3 on vgg7), min-p
   fusion-fisher   value:block0, evidence:block1 and confidence, Fisher
 
 ``channel_p_values`` and ``layer_classes`` give the per-image evidence the
@@ -613,6 +615,25 @@ class FusionMomentsScore(FusionScore):
 
     name = "fusion-moments"
     static_channels = ("value:moments0", "confidence", "path")
+
+
+@register
+class FusionEvidenceScore(FusionScore):
+    """(1d) The first block's mean and spread, the confidence, and the class
+    that the middle block's features point to (``evidence:block3`` on
+    vgg7's seven blocks), min-p.  The best triple of an exploratory pass
+    over every channel on the shipped vgg7's validation pool (400 images):
+    higher AUROC than ``fusion-moments`` on every validation attack (BIM
+    0.952 -> 0.953, CW 0.952 -> 0.966), 0.866 of the natural set flagged
+    instead of 0.878.  Reported beside the shipped detector, not shipped
+    (docs/method.md)."""
+
+    name = "fusion-evidence"
+
+    def default_channels(self, batch: PathBatch) -> tuple:
+        if not batch.blocks:
+            raise ValueError(f"{self.name} reads every block: observe(..., blocks=True)")
+        return ("value:moments0", "confidence", f"evidence:block{len(batch.blocks) // 2}")
 
 
 @register

@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from channel_validation import combine, fit_on_validation, write_json  # noqa: E402
 
 RULE_ATTACKS = ("fgsm", "pgd", "cw")
-REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-moments", "fusion-fisher")
+REGISTERED = ("class-evidence", "provenance", "path-knn", "fusion", "fusion-path", "fusion-moments", "fusion-evidence",
+              "fusion-fisher")
 
 
 def all_channels(n_blocks: int, n_gated: int) -> tuple[str, ...]:

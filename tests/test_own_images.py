@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from pathguard.detector.bundle import load_bundle
+from pathguard.detector.bundle import load_bundle, load_detector
 from pathguard.detector.data import DataSpec, load_dataset, load_split
 from pathguard.detector.inspection import Inspector
 from pathguard.service.app import create_app
@@ -267,6 +267,37 @@ def test_fit_refuses_a_training_folder_that_changed(walk, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 2, "fit went on: " + next((line for line in captured.out.splitlines() if "differ" in line), "")
     assert "image files changed since the bundle was trained" in captured.err
+
+
+def test_fit_a_channel_score_the_user_names(walk, tmp_path):
+    """--score channels --channels ...: the named channels, min-p combined,
+    are fitted, calibrated and stored; the bundle's card names the score."""
+    from pathguard.detector.provenance import ChannelScore
+
+    bundle = shutil.copytree(walk["bundle"], tmp_path / "bundle")
+    assert main(["fit", "--bundle", str(bundle), "--score", "channels", "--channels", "value:moments0",
+                 "confidence", "--n-ablation", "20", "--ablation-attacks", "fgsm", "--no-progress"]) == 0
+    detector = load_detector(load_bundle(bundle))
+    assert isinstance(detector, ChannelScore) and detector.name == "channels"
+    assert detector.channels_ == ("value:moments0", "confidence") and detector.combine == "min-p"
+    profile = _json(bundle / "profile.json")
+    assert profile["ablation"]["chosen"] == "channels"
+    assert profile["fit_config"]["channels"] == ["value:moments0", "confidence"]
+    assert _json(bundle / "model_card.json")["detector"]["score"] == "channels"
+    # the stored threshold is the calibration split's 95% quantile: roughly 5% of clean test images flagged
+    assert 0.0 < profile["threshold_check"]["fpr_all"] < 0.2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--score", "channels"], "--score channels needs --channels"),
+    (["--score", "fusion-path", "--channels", "confidence"], "--channels is for --score channels"),
+    (["--score", "channels", "--channels", "confidance"], "channel 'confidance': kind must be one of"),
+])
+def test_fit_refuses_channels_that_do_not_fit_the_score(walk, args, message, capsys):
+    before = (walk["bundle"] / "profile.json").read_bytes()
+    code = main(["fit", "--bundle", str(walk["bundle"]), *args, "--n-ablation", "20", "--no-progress"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert (walk["bundle"] / "profile.json").read_bytes() == before
 
 
 # ---------------------------------------------------------------- measure

@@ -269,6 +269,20 @@ def test_spread_and_moments_views_and_the_fusion_that_reads_them():
         layer_view(batch, "moments0")
 
 
+def test_fusion_evidence_reads_the_middle_block():
+    """fusion-evidence: the first block's moments, the confidence and the
+    class evidence of block len(blocks) // 2 (block3 of vgg7's seven)."""
+    batch = with_spreads(synthetic(400, seed=0), seed=3)
+    detector = make_detector("fusion-evidence", max_fit=400).fit(batch)
+    assert detector.channels_ == ("value:moments0", "confidence", "evidence:block1")
+    assert detector.combine == "min-p"
+    # a batch whose middle block's features point to another class than the prediction scores higher
+    moved = with_spreads(synthetic(60, seed=8), seed=9)
+    moved.blocks[1] = moved.blocks[1].roll(1, dims=0)
+    same = with_spreads(synthetic(60, seed=8), seed=9)
+    assert detector.score_samples(moved).mean() > detector.score_samples(same).mean()
+
+
 def test_bad_channels_and_missing_blocks_are_refused_clearly():
     for spec, message in [("colour:block0", "kind"), ("value", "takes 1"), ("agreement:block0", "takes 2"),
                           ("knn", "at least one layer")]:

@@ -37,7 +37,7 @@ from pathguard.detector.detectors import DETECTORS, PATH_SCORES, PathScore, make
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.metrics import detection_metrics
 from pathguard.detector.paths import PathBatch, correct_mask, observe
-from pathguard.detector.provenance import shared_classifier_fits
+from pathguard.detector.provenance import COMBINE_RULES, parse_channel, shared_classifier_fits
 from pathguard.detector.splits import SplitError, class_counts, stratified_split
 
 from .config import BundleOptions, as_json, check, device_option, option
@@ -59,8 +59,12 @@ class Config(BundleOptions):
     # The default is the shipped bundle's score, chosen on its validation split
     # (scripts/fusion_validation_check.py); "auto" fits every score and keeps
     # the one with the best mean validation AUROC over the ablation attacks.
-    score: str = option("fusion-moments", "path score; auto = the ablation's winner over every score",
-                        choices=("auto", *PATH_SCORES))
+    score: str = option("fusion-moments", "path score; auto = the ablation's winner over every score; "
+                        "channels = the channels named by --channels", choices=("auto", *PATH_SCORES, "channels"))
+    # A channel score of the user's own composition (docs/method.md lists the
+    # channel names), e.g. --score channels --channels confidence value:moments0 path
+    channels: tuple = option((), "channels of --score channels (e.g. value:moments0 confidence path)", kind=str)
+    combine: str = option("min-p", "p-value combination of --score channels", choices=COMBINE_RULES)
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)
     n_ablation: int = option(1000, "correctly classified validation images attacked for the ablation", minimum=1)
@@ -131,8 +135,27 @@ def ablation_attacks(cfg: Config) -> tuple:
     return AUTO_SCORE_ATTACKS if cfg.score == "auto" else FIXED_SCORE_ATTACKS
 
 
+def check_channels(cfg: Config) -> None:
+    """--channels names the channels of --score channels, and only those."""
+    if cfg.score == "channels" and not cfg.channels:
+        raise ValueError("--score channels needs --channels, e.g. --channels value:moments0 confidence path")
+    if cfg.channels and cfg.score != "channels":
+        raise ValueError(f"--channels is for --score channels; --score {cfg.score} has its own channels")
+    for spec in cfg.channels:
+        parse_channel(spec)
+
+
+def candidate_params(cfg: Config, name: str) -> dict:
+    """The constructor parameters of candidate ``name``."""
+    params = {"target_fpr": cfg.target_fpr, "smoothing": cfg.smoothing}
+    if name == "channels":
+        params.update(channels=tuple(cfg.channels), combine=cfg.combine)
+    return params
+
+
 def fit_bundle(cfg: Config) -> dict:
     check(cfg)
+    check_channels(cfg)
     # the attacks that run are recorded (fit_config), not the empty "default"
     cfg = dataclasses.replace(cfg, ablation_attacks=ablation_attacks(cfg))
     started = time.time()
@@ -154,8 +177,7 @@ def fit_bundle(cfg: Config) -> dict:
     with shared_classifier_fits():  # the scores' identical per-layer classifiers are fitted once
         for name in names:
             started_fit = time.time()
-            candidates[name] = make_detector(name, target_fpr=cfg.target_fpr,
-                                             smoothing=cfg.smoothing).fit(train_batch)
+            candidates[name] = make_detector(name, **candidate_params(cfg, name)).fit(train_batch)
             if cfg.progress:
                 print(f"fitted {name} in {time.time() - started_fit:.1f} s")
     del train_batch
