@@ -360,8 +360,9 @@ class SparseGatedNet(nn.Module):
                 if not relu_after_pool:
                     h = h.relu_()
             if blocks:
-                block_features.append(_full_width(_spatial_mean(h), out_idx, c_out))
-                block_spreads.append(_full_width(_spatial_spread(h), out_idx, c_out, fill=SPREAD_EPS ** 0.5))
+                mean, spread = _spatial_moments(h)
+                block_features.append(_full_width(mean, out_idx, c_out))
+                block_spreads.append(_full_width(spread, out_idx, c_out, fill=SPREAD_EPS ** 0.5))
             if pool:
                 if h.shape[1] == 0:
                     h = h.new_zeros(1, 0, height // 2, width // 2)
@@ -440,11 +441,16 @@ def _spatial_mean(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(h.shape[1], h.shape[2] * h.shape[3]).mean(1)
 
 
-def _spatial_spread(h: torch.Tensor) -> torch.Tensor:
-    """(C,): one image's (1, C, H, W) map's per-channel spread over space,
-    as ``models.spatial_spread`` computes it; C may be 0."""
+def _spatial_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((C,), (C,)): one image's (1, C, H, W) map's per-channel mean and
+    spread over space, as ``models.spatial_spread`` computes the spread;
+    C may be 0.  The spread from the centred squares, not ``var``: with
+    torch's CPU var kernel the whole per-image pass took 1.2x as long
+    (``bench/bench_spread.py``)."""
     flat = h.reshape(h.shape[1], h.shape[2] * h.shape[3])
-    return (flat.var(1, correction=0) + SPREAD_EPS).sqrt()
+    mean = flat.mean(1)
+    centred = flat - mean.unsqueeze(1)
+    return mean, (centred.square().mean(1) + SPREAD_EPS).sqrt()
 
 
 def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int, fill: float = 0.0) -> torch.Tensor:
