@@ -237,6 +237,20 @@ def test_bench_engines_compares_the_two_forward_engines(tmp_path):
     assert "dense/sparse" in proc.stdout
 
 
+def test_bench_spread_times_the_three_passes_and_the_two_spreads(tmp_path):
+    # the shipped bundle, 6 images, batch 8: every median, and the two ways of computing the spread agree
+    out = tmp_path / "spread.json"
+    proc = run_script("bench_spread.py", "--images", "6", "--rounds", "2", "--batch", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    medians = result["engine"]["median_ms_per_image"]
+    assert len(medians) == 3 and all(v > 0 for v in medians.values())
+    assert result["engine"]["max_abs_difference"] < 1e-5
+    assert set(result["dense"]) == {"64x28x28", "128x14x14", "256x7x7"}  # vgg7's distinct block map shapes
+    assert all(row["max_abs_difference"] < 1e-5 for row in result["dense"].values())
+    assert "torch.var / two-pass spread" in proc.stdout
+
+
 def test_bench_sparse_times_the_four_nets_and_profiles_the_per_image_ones(tmp_path):
     # the shipped bundle, 12 images: every latency, the ratios computed from them, the agreement
     # checks, and --profile's operator table of both per-image nets
