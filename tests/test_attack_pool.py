@@ -7,7 +7,12 @@ by 1.5e-8; FGSM, PGD and CW bit-identical.)"""
 from __future__ import annotations
 
 import multiprocessing
+import signal
+import subprocess
+import sys
+import time
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,6 +128,49 @@ def test_an_error_stops_the_workers_without_waiting_for_their_attacks(shipped):
     for process in workers:
         process.join(timeout=30)
         assert not process.is_alive()
+
+
+CALLER_KILLED = """
+import multiprocessing, sys, time
+from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle
+from pathguard.detector.data import load_dataset
+from pathguard.jobs.attack_pool import AttackPool
+bundle, test = load_bundle(DEFAULT_BUNDLE), load_dataset("fashion-mnist", "test").head(8)
+endless = (test.images, test.labels, "cw", 0, {"steps": 10_000_000})
+pool = AttackPool(bundle.decoupled, bundle.path, bundle.digest, workers=2, threads=1)
+pool.submit_all({"a": endless, "b": endless})
+while len(multiprocessing.active_children()) < 2:
+    time.sleep(0.1)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_workers_end_when_their_caller_is_killed_outright():
+    """SIGKILL (or a plain SIGTERM) skips AttackPool.__exit__: the workers must
+    notice that their caller is gone and stop, not run a CW set for an hour."""
+    caller = subprocess.Popen([sys.executable, "-c", CALLER_KILLED], stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [int(pid) for pid in caller.stdout.readline().split()]
+        assert len(workers) >= 2 and all(_running(pid) for pid in workers)
+        time.sleep(8)  # the workers load the bundle and take their CW set (a worker between tasks stops anyway)
+        assert all(_running(pid) for pid in workers)
+        caller.send_signal(signal.SIGKILL)
+        caller.wait(timeout=30)
+        deadline = time.time() + 30
+        while any(_running(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(pid) for pid in workers)
+    finally:
+        caller.kill()
 
 
 def test_attack_costs_follow_the_presets_steps():

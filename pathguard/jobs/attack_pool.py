@@ -29,6 +29,9 @@ exactly as before.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
@@ -69,8 +72,26 @@ def default_workers(device: torch.device, tasks: int) -> int:
     return max(1, min(usable_cpus(), 4, tasks))
 
 
-def _init_worker(bundle_path: str, digest: str, threads: int) -> None:
+# How often a worker checks that the process that started it is alive.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker once ``parent`` is gone.  A caller killed outright
+    (SIGKILL, or SIGTERM, whose default action skips ``AttackPool.__exit__``)
+    would otherwise leave its workers computing a CW set for an hour on
+    cores that the next run needs: this worker is then re-parented, and its
+    parent pid no longer matches."""
+    while True:
+        time.sleep(PARENT_CHECK_SECONDS)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _init_worker(bundle_path: str, digest: str, threads: int, parent: int | None = None) -> None:
     global _model
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     torch.set_num_threads(threads)
     bundle = load_bundle(bundle_path)
     if bundle.digest != digest:
@@ -102,7 +123,7 @@ class AttackPool:
             threads = threads or max(1, torch.get_num_threads() // workers)
             self._executor = ProcessPoolExecutor(
                 max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(str(bundle_path), digest, threads))
+                initializer=_init_worker, initargs=(str(bundle_path), digest, threads, os.getpid()))
 
     def submit_all(self, tasks: dict[str, tuple[torch.Tensor, torch.Tensor, str, int, dict | None]]) -> None:
         """Hand out ``{key: (images, labels, attack, seed, overrides)}``, the
