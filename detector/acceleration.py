@@ -360,9 +360,7 @@ class SparseGatedNet(nn.Module):
                 if not relu_after_pool:
                     h = h.relu_()
             if blocks:
-                mean, spread = _spatial_moments(h)
-                block_features.append(_full_width(mean, out_idx, c_out))
-                block_spreads.append(_full_width(spread, out_idx, c_out, fill=SPREAD_EPS ** 0.5))
+                _append_readings(h, out_idx, c_out, block_features, block_spreads)
             if pool:
                 if h.shape[1] == 0:
                     h = h.new_zeros(1, 0, height // 2, width // 2)
@@ -451,6 +449,14 @@ def _spatial_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = flat.mean(1)
     centred = flat - mean.unsqueeze(1)
     return mean, (centred.square().mean(1) + SPREAD_EPS).sqrt()
+
+
+def _append_readings(h: torch.Tensor, index: torch.Tensor | None, width: int, means: list, spreads: list) -> None:
+    """Append one block's full-width spatial mean and spread (switched-off
+    filters: mean 0, spread sqrt(SPREAD_EPS), as in the dense model)."""
+    mean, spread = _spatial_moments(h)
+    means.append(_full_width(mean, index, width))
+    spreads.append(_full_width(spread, index, width, fill=SPREAD_EPS ** 0.5))
 
 
 def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int, fill: float = 0.0) -> torch.Tensor:
