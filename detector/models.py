@@ -22,16 +22,22 @@ POOL = "M"
 SPREAD_EPS = 1e-6
 
 
+def spatial_moments(activation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N, C), (N, C)): each channel's mean over space and its standard
+    deviation over space, sqrt(var + SPREAD_EPS), of an (N, C, H, W) map.
+    Strong L-inf attacks add high-frequency energy that a spatial mean
+    averages away and the spread keeps (docs/method.md, "Detector v2").
+    The spread from the centred squares around that mean rather than
+    ``var``: as exact, and torch's CPU var kernel took 1.7-4.9x as long on
+    vgg7's maps at batch 256 (``bench/bench_spread.py``)."""
+    mean = activation.mean(dim=(2, 3), keepdim=True)
+    centred = activation - mean
+    return mean.flatten(2).squeeze(2), (centred.square().mean(dim=(2, 3)) + SPREAD_EPS).sqrt()
+
+
 def spatial_spread(activation: torch.Tensor) -> torch.Tensor:
-    """(N, C): each channel's standard deviation over space,
-    sqrt(var + SPREAD_EPS), of an (N, C, H, W) map.  Strong L-inf attacks
-    add high-frequency energy that a spatial mean averages away and the
-    spread keeps (docs/method.md, "Detector v2").  Two passes (mean, then
-    the centred squares) rather than ``var``: as exact, and torch's CPU var
-    kernel took 1.7-4.9x as long on vgg7's maps at batch 256
-    (``bench/bench_spread.py``)."""
-    centred = activation - activation.mean(dim=(2, 3), keepdim=True)
-    return (centred.square().mean(dim=(2, 3)) + SPREAD_EPS).sqrt()
+    """(N, C): the spread of ``spatial_moments``."""
+    return spatial_moments(activation)[1]
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -281,8 +287,9 @@ class ConvNet(nn.Module):
             if keep_activations:
                 trace.activations.append(step.activation)
             if keep_blocks:
-                trace.block_features.append(step.activation.mean(dim=(2, 3)))
-                trace.block_spreads.append(spatial_spread(step.activation))
+                mean, spread = spatial_moments(step.activation)  # one spatial mean for both
+                trace.block_features.append(mean)
+                trace.block_spreads.append(spread)
             h = step.output
         trace.features = h.mean(dim=(2, 3))
         trace.logits = self.head(self.dropout(trace.features))
