@@ -9,8 +9,9 @@ In the style of scikit-learn's outlier detectors and pytorch-ood
   takes adversarial examples: ``fit(clean, adversarial)``;
 * ``score_samples(batch)``: one float per image, larger = more suspicious;
 * ``calibrate(held_out_clean)`` sets ``threshold_`` to the (1 - target_fpr)
-  quantile of held-out clean scores; ``predict(batch)`` is exactly
-  ``score_samples(batch) > threshold_``;
+  quantile of held-out clean scores (``confidence=0.95``: raised until the
+  FPR's upper 95% bound is at most target_fpr, detector/calibration.py);
+  ``predict(batch)`` is exactly ``score_samples(batch) > threshold_``;
 * everything learnt lives in attributes ending in ``_``; ``state_tensors()``
   and ``config()`` hold all of it as tensors and JSON, and
   ``from_saved(config, tensors)`` rebuilds an identical detector, so a
@@ -32,6 +33,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from .calibration import fpr_threshold
 from .paths import PathBatch, observe
 
 DETECTORS: dict[str, type["Detector"]] = {}
@@ -146,11 +148,18 @@ class Detector:
         """(N,) float64, larger = more suspicious."""
         return self.score_tensor(batch).detach().cpu().numpy()
 
-    def calibrate(self, held_out_clean: PathBatch) -> "Detector":
-        """threshold_ = the (1 - target_fpr) quantile of held-out clean
-        scores (the 'higher' rule: at most target_fpr of them lie above)."""
-        scores = self.score_samples(held_out_clean)
-        self.threshold_ = float(np.quantile(scores, 1.0 - self.target_fpr, method="higher"))
+    def calibrate(self, held_out_clean: PathBatch, confidence: float = 0.0) -> "Detector":
+        """threshold_ from held-out clean scores: their (1 - target_fpr)
+        quantile (the 'higher' rule: at most target_fpr of them lie above);
+        with ``confidence`` c > 0, high enough that the FPR's upper c-bound
+        is at most target_fpr (calibration.fpr_threshold)."""
+        return self.calibrate_scores(self.score_samples(held_out_clean), confidence)
+
+    def calibrate_scores(self, clean_scores: np.ndarray, confidence: float = 0.0) -> "Detector":
+        """``calibrate`` on scores this detector already gave held-out clean
+        images."""
+        self._require_fitted()
+        self.threshold_ = fpr_threshold(clean_scores, self.target_fpr, confidence)
         return self
 
     def predict(self, batch: PathBatch) -> np.ndarray:

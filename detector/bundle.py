@@ -20,6 +20,8 @@ one that knows these file names (docs/contracts.md).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -47,6 +49,9 @@ DATA_FILE = "data.json"
 DETECTOR_TENSORS = "profile.safetensors"
 DETECTOR_CONFIG = "profile.json"
 BUNDLE_FORMAT = 1
+# The files the decoupled model's outputs depend on (architecture and
+# normalisation, weights, data split): Bundle.model_digest.
+MODEL_FILES = (ARCHITECTURE_FILE, DECOUPLED_FILE, DATA_FILE)
 # 1: PathDetector of release 0.1 ({"score": name, ...}); 2: any registered
 # Detector ({"detector": name, "params": ..., "threshold": ...}).
 DETECTOR_VERSION = 2
@@ -67,6 +72,9 @@ class Bundle:
     # Files the verified manifest vouches for; empty when loaded unverified.
     verified_files: frozenset = frozenset()
     data: dict = field(default_factory=dict)
+    # What an attack set depends on (MODEL_FILES), not the detector or the
+    # card: unchanged by a refit, so saved attack sets stay reusable.
+    model_digest: str = ""
 
     def to(self, device: torch.device | str) -> "Bundle":
         """Both networks on ``device`` (in place); returns the bundle."""
@@ -134,7 +142,15 @@ def load_bundle(path: str | os.PathLike = DEFAULT_BUNDLE, verify: bool = True) -
     has_data = (DATA_FILE in verified) if verify else (path / DATA_FILE).is_file()
     data = read_json(path / DATA_FILE) if has_data else {}
     digest = manifest_digest(path) if (path / "manifest.json").is_file() else ""
-    return Bundle(path, arch, classes, decoupled, plain, training, card, digest, verified, data)
+    model = _model_digest(manifest["files"]) if verify else ""
+    return Bundle(path, arch, classes, decoupled, plain, training, card, digest, verified, data, model)
+
+
+def _model_digest(files: dict[str, str]) -> str:
+    """SHA-256 over the manifest's digests of the files that define the
+    decoupled model's answers (MODEL_FILES present in the bundle)."""
+    listed = {name: files[name] for name in MODEL_FILES if name in files}
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
 
 
 def write_bundle(

@@ -25,7 +25,7 @@ EXAMPLE_DETECT_REQUEST = {"images": [{"data": EXAMPLE_PNG_BASE64, "filename": EX
                           "resize": False, "resize_mode": "pad", "include_path": False}
 # The shipped bundle's answer for it (rounded), for the response examples.
 EXAMPLE_RESULT = {"index": 0, "filename": EXAMPLE_FILENAME, "predicted_class": 6, "label": "Shirt",
-                  "confidence": 0.99675, "adversarial": False, "score": 0.68905, "threshold": 3.78939,
+                  "confidence": 0.99675, "adversarial": False, "score": 0.68905, "threshold": 3.97673,
                   "layer_deviations": [0.06452, 0.07087, 0.0, 0.10241, 0.22917, 0.10853],
                   "active_fraction": 0.52665, "resized": False,
                   "evidence": {"most_deviating": "confidence",

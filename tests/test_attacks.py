@@ -315,12 +315,13 @@ def test_cli_end_to_end(model, data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("success") == 2 and "fgsm" in out and "pgd-low" in out
 
-    digest = load_bundle(bundle_dir).digest
+    digest, model_digest = load_bundle(bundle_dir).digest, load_bundle(bundle_dir).model_digest
     for name, config in (("fgsm", {"eps": 0.05}), ("pgd-low", {"eps": 0.05, "alpha": 0.003, "steps": 3,
                                                                    "random_start": True})):
         s = load_attack_set(tmp_path / "out" / name)
         assert s.config == config and len(s) == 4
         assert torch.equal(s.pred_original, s.labels)  # only correctly classified images
         assert s.source["bundle_digest"] == digest and s.source["dataset"] == "folder"
+        assert s.source["model_digest"] == model_digest  # what evaluate --attacks-from checks
         assert json.loads((tmp_path / "out" / name / METADATA_FILE).read_text())["counts"]["n"] == 4
         assert s.indices.tolist() == sorted(s.indices.tolist())

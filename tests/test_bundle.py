@@ -240,6 +240,22 @@ def test_update_bundle_card_keeps_manifest_valid(bundle_dir):
     assert load_bundle(path).card == card
 
 
+def test_model_digest_follows_the_model_not_the_detector_or_card(bundle_dir, tiny_arch):
+    """Bundle.model_digest (what saved attack sets are matched by): the same
+    after a card update or another detector, another for other weights."""
+    path = bundle_dir[0]
+    before = load_bundle(path)
+    assert len(before.model_digest) == 64
+    update_bundle_card(path, {"detection": {"auroc": 0.9}})
+    after_card = load_bundle(path)
+    assert after_card.digest != before.digest and after_card.model_digest == before.model_digest
+    decoupled, plain = _models(tiny_arch, seed=1)
+    write_bundle(path, tiny_arch, CLASSES, decoupled, plain, training={"config": {"seed": 0}},
+                 card={"test": {"decoupled_accuracy": 0.5}})
+    assert load_bundle(path).model_digest != before.model_digest
+    assert load_bundle(path, verify=False).model_digest == ""  # only a verified manifest vouches for it
+
+
 def test_tensors_and_json_helpers(tmp_path):
     tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3).T, "b": torch.tensor([1, 2], dtype=torch.int64)}
     atomic_save_tensors(tmp_path / "t.safetensors", tensors, {"epoch": "3"})

@@ -106,3 +106,56 @@ def test_evaluate_adaptive_quick_reports_each_setting(fitted_bundle, tmp_path):
     assert set(report["surrogate_fidelity"]) == {"clean", "adversarial (plain PGD)", "adversarial (layer mimicking)"}
     table = (out / "adaptive.md").read_text()
     assert "| attack | eps | lambda |" in table and "| layer mimicking (mu 1.0) | 0.1 | 3.0 |" in table
+
+
+REUSE_RUN = ["--quick", "--quick-n", "20", "--limit-train", "1200", "--no-progress", "--attacks", "fgsm", "pgd",
+             "--unsupervised", "path", "max-softmax", "--supervised", "path-supervised", "--no-natural",
+             "--no-update-card"]
+
+
+def test_evaluate_reuses_the_attack_sets_it_saved(fitted_bundle, tmp_path, capsys):
+    """--save-attacks writes every set (the supervised ones under
+    supervised/) with the model they were made against; --attacks-from
+    evaluates on exactly those sets (same figures, no generation) and refuses
+    a set that is not this run's, naming why."""
+    import shutil
+
+    from pathguard.attacks.generate import load_attack_set
+    from pathguard.detector.bundle import update_bundle_card
+
+    sets, first, second = tmp_path / "sets", tmp_path / "first", tmp_path / "second"
+    assert main(["evaluate", "--bundle", str(fitted_bundle), "--output", str(first), "--save-attacks", str(sets),
+                 *REUSE_RUN]) == 0
+    digest = load_bundle(fitted_bundle).model_digest
+    for folder in ("fgsm", "pgd", "supervised/fgsm", "supervised/pgd"):
+        assert load_attack_set(sets / folder).source["model_digest"] == digest
+    # a copy whose card (not its model) changed: another bundle digest, the same model digest
+    copy = shutil.copytree(fitted_bundle, tmp_path / "copy")
+    update_bundle_card(copy, {"note": "recalibrated"})
+    assert load_bundle(copy).digest != load_bundle(fitted_bundle).digest
+    assert load_bundle(copy).model_digest == digest
+    assert main(["evaluate", "--bundle", str(copy), "--output", str(second), "--attacks-from", str(sets),
+                 *REUSE_RUN]) == 0
+    a, b = (json.loads((out / "report.json").read_text()) for out in (first, second))
+    assert set(b["attack_sets_reused"]) == {"test:fgsm", "test:pgd", "supervised:fgsm", "supervised:pgd"}
+    assert not any(key.startswith("attack ") for key in b["timing_seconds"])  # nothing generated
+    for name in ("fgsm", "pgd"):
+        assert b["attacks"][name]["attack"] == a["attacks"][name]["attack"]
+        assert b["attacks"][name]["detectors"] == a["attacks"][name]["detectors"]
+    assert "4 attack set(s) reused from --attacks-from" in (second / "report.md").read_text()
+    capsys.readouterr()
+
+    # another seed draws other images and attacks with another seed: refused, nothing written
+    assert main(["evaluate", "--bundle", str(copy), "--output", str(tmp_path / "third"), "--attacks-from",
+                 str(sets), "--seed", "1", *REUSE_RUN]) == 2
+    err = capsys.readouterr().err
+    assert "not the test:fgsm attack set of this run" in err and "seed 0, this run's is 1" in err
+    assert "other original images" in err
+    assert not (tmp_path / "third" / "report.json").exists()
+    # a set that does not say which model it was made against is not trusted
+    meta = json.loads((sets / "pgd" / "attack.json").read_text())
+    meta["source"].pop("model_digest")
+    (sets / "pgd" / "attack.json").write_text(json.dumps(meta))
+    assert main(["evaluate", "--bundle", str(copy), "--output", str(tmp_path / "fourth"), "--attacks-from",
+                 str(sets), *REUSE_RUN]) == 2
+    assert "does not record the model it was made against" in capsys.readouterr().err

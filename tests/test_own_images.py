@@ -230,7 +230,13 @@ def test_fit_reads_the_bundles_folder_by_default(walk):
     assert profile["ablation"]["validation_images"] <= 30
     assert profile["ablation"]["attacks"] == ["fgsm", "pgd"]
     assert sorted(int(c) for c in profile["calibration"]["per_class"]) == [0, 1, 2, 3]
+    # the default threshold holds the FPR at or below 5% with 95% confidence (detector/calibration.py)
+    cal = profile["calibration"]
+    assert cal["rule"] == "clopper-pearson upper bound" and cal["confidence"] == 0.95
+    assert cal["calibration_fpr"] < cal["fpr_upper_bound"] <= 0.05
+    assert cal["scores_above"] == round(cal["calibration_fpr"] * cal["clean_validation_images"])
     out = walk["steps"]["fit"][1]
+    assert f"FPR there {cal['calibration_fpr']:.4f}, upper 0.95-bound {cal['fpr_upper_bound']:.4f}" in out
     assert f"threshold check on the {n_test} clean test images: FPR {check['fpr_all']:.4f}" in out
     assert f"note: folder at {walk['root']} (train): resized {_count(walk, 'train', 'big')} image(s)" in out
     assert "instead of the bundle's" not in out  # no other data was named
@@ -284,16 +290,55 @@ def test_fit_a_channel_score_the_user_names(walk, tmp_path):
     assert profile["ablation"]["chosen"] == "channels"
     assert profile["fit_config"]["channels"] == ["value:moments0", "confidence"]
     assert _json(bundle / "model_card.json")["detector"]["score"] == "channels"
-    # the stored threshold is the calibration split's 95% quantile: roughly 5% of clean test images flagged
+    # the stored threshold holds 5% FPR on the calibration split: a few percent of clean test images flagged
     assert 0.0 < profile["threshold_check"]["fpr_all"] < 0.2
+
+
+def test_fit_calibrate_only_sets_another_operating_point(walk, tmp_path, capsys):
+    """--calibrate-only keeps the fitted detector and sets its threshold on
+    the same calibration split: with fit's options it gives fit's threshold
+    back; with another target FPR and the plain quantile, another threshold,
+    the previous one recorded."""
+    bundle = shutil.copytree(walk["bundle"], tmp_path / "bundle")
+    fitted = _json(bundle / "profile.json")
+    tensors = (bundle / "profile.safetensors").read_bytes()
+    assert main(["fit", "--bundle", str(bundle), "--calibrate-only", "--no-progress"]) == 0
+    same = _json(bundle / "profile.json")
+    assert same["threshold"] == fitted["threshold"]
+    assert same["calibration"] == fitted["calibration"] and same["threshold_check"] == fitted["threshold_check"]
+    assert same["ablation"] == fitted["ablation"] and same["fit_config"] == fitted["fit_config"]
+    capsys.readouterr()
+
+    assert main(["fit", "--bundle", str(bundle), "--calibrate-only", "--target-fpr", "0.2", "--fpr-confidence", "0",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    profile = _json(bundle / "profile.json")
+    assert (bundle / "profile.safetensors").read_bytes() == tensors  # the fitted detector, untouched
+    assert profile["params"]["target_fpr"] == 0.2 and profile["threshold"] < fitted["threshold"]
+    cal = profile["calibration"]
+    assert cal["rule"] == "quantile"
+    assert cal["clean_validation_images"] == fitted["calibration"]["clean_validation_images"]
+    assert 0.15 < cal["calibration_fpr"] <= 0.2
+    assert profile["recalibrated"]["previous"]["threshold"] == fitted["threshold"]
+    assert f"threshold was {fitted['threshold']:.6g} (target FPR 0.05)" in out
+    detector = load_detector(load_bundle(bundle))  # verifies the manifest
+    assert detector.threshold_ == profile["threshold"] and detector.target_fpr == 0.2
+    card = _json(bundle / "model_card.json")["detector"]
+    assert card["threshold"] == profile["threshold"] and card["threshold_check"] == profile["threshold_check"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--score", "channels"], "--score channels needs --channels"),
     (["--score", "fusion-path", "--channels", "confidence"], "--channels is for --score channels"),
     (["--score", "channels", "--channels", "confidance"], "channel 'confidance': kind must be one of"),
+    (["--fpr-confidence", "1"], "fpr-confidence: must be in [0, 1), got 1.0"),
+    (["--target-fpr", "1.5"], "target-fpr: must be in (0, 1), got 1.5"),
+    (["--calibrate-only", "--score", "auto"], "--calibrate-only keeps the bundle's fitted detector"),
+    # a 0.1% FPR bounded at 95% confidence needs 2,995 calibration images; this folder has a few hundred
+    (["--target-fpr", "0.001"], "calibration images cannot bound a 0.001 false-positive rate at 0.95 confidence: "
+                                "at least 2995 are needed"),
 ])
-def test_fit_refuses_channels_that_do_not_fit_the_score(walk, args, message, capsys):
+def test_fit_refuses_options_that_do_not_fit(walk, args, message, capsys):
     before = (walk["bundle"] / "profile.json").read_bytes()
     code = main(["fit", "--bundle", str(walk["bundle"]), *args, "--n-ablation", "20", "--no-progress"])
     assert code == 2 and message in capsys.readouterr().err

@@ -116,7 +116,7 @@ def run(cfg: Config) -> None:
               f"(asked for {cfg.n})")
     images, labels = data.images[indices], data.labels[indices]
     source = {
-        "bundle": str(bundle.path), "bundle_digest": bundle.digest,
+        "bundle": str(bundle.path), "bundle_digest": bundle.digest, "model_digest": bundle.model_digest,
         "dataset": spec.dataset, "split": cfg.split, "n_requested": cfg.n,
         "selection": "N images of the split the model classifies correctly, class-stratified and seeded",
     }

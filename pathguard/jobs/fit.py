@@ -12,8 +12,11 @@
    Ablation: every score is tried on adversarial examples (FGSM, PGD and CW
    by default) of correctly classified images of the pool; the score with
    the best mean AUROC becomes the bundle's detector.
-4. The threshold is the (1 - target FPR) quantile of the scores of the
-   clean calibration images.  Fewer than MIN_CALIBRATION correctly
+4. The threshold comes from the scores of the clean calibration images:
+   by default (--fpr-confidence 0.95) the lowest one whose FPR has a 95%
+   Clopper-Pearson upper bound at or below the target FPR; with
+   --fpr-confidence 0 their plain (1 - target FPR) quantile
+   (detector/calibration.py).  Fewer than MIN_CALIBRATION correctly
    classified images there is refused.
 5. The threshold's false-positive rate is then checked on the test split
    (reported, never used for a choice) and printed.
@@ -31,7 +34,11 @@ import torch
 
 from pathguard.attacks.generate import generate_attack_set
 from pathguard.attacks.presets import PRESETS
-from pathguard.detector.bundle import Bundle, load_bundle, save_detector, update_bundle_card
+from pathguard.detector.artifacts import read_json
+from pathguard.detector.bundle import (
+    DETECTOR_CONFIG, Bundle, load_bundle, load_detector, save_detector, update_bundle_card,
+)
+from pathguard.detector.calibration import allowed_exceedances, calibration_facts
 from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import DETECTORS, PATH_SCORES, PathScore, make_detector
 from pathguard.detector.devices import resolve_device
@@ -66,6 +73,11 @@ class Config(BundleOptions):
     channels: tuple = option((), "channels of --score channels (e.g. value:moments0 confidence path)", kind=str)
     combine: str = option("min-p", "p-value combination of --score channels", choices=COMBINE_RULES)
     target_fpr: float = option(0.05, "false-positive rate the threshold is calibrated for", minimum=0)
+    # 0 takes the plain quantile (the FPR is the target only on average over
+    # calibration samples); 0.95 holds it at or below the target with 95%
+    # confidence (detector/calibration.py).
+    fpr_confidence: float = option(0.95, "confidence that the threshold's clean FPR is at most --target-fpr "
+                                   "(0 = the plain quantile)", minimum=0)
     smoothing: float = option(1.0, "Laplace smoothing of the gate on-frequencies", minimum=0)
     n_ablation: int = option(1000, "correctly classified validation images attacked for the ablation", minimum=1)
     # With a fixed score the ablation only reports (FGSM and BIM, the shipped
@@ -78,6 +90,10 @@ class Config(BundleOptions):
     seed: int = option(0, "seed of the attacks")
     limit_train: int | None = option(None, "fit on the first N clean training images only", kind=int, minimum=1)
     progress: bool = option(True, "progress bars")
+    # Another operating point without refitting: the fitted detector is kept,
+    # only the threshold is set again (--target-fpr, --fpr-confidence).
+    calibrate_only: bool = option(False, "keep the bundle's fitted detector and only set its threshold again "
+                                  "(--target-fpr, --fpr-confidence) on the calibration split its fit used")
 
 
 def validation_splits(model, val: ImageSet, n_ablation: int, seed: int) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -135,6 +151,19 @@ def ablation_attacks(cfg: Config) -> tuple:
     return AUTO_SCORE_ATTACKS if cfg.score == "auto" else FIXED_SCORE_ATTACKS
 
 
+def check_options(cfg: Config) -> None:
+    """The options' ranges (config.check) and how they fit together."""
+    check(cfg)
+    if not 0.0 < cfg.target_fpr < 1.0:
+        raise ValueError(f"target-fpr: must be in (0, 1), got {cfg.target_fpr}")
+    if not 0.0 <= cfg.fpr_confidence < 1.0:
+        raise ValueError(f"fpr-confidence: must be in [0, 1), got {cfg.fpr_confidence}")
+    if cfg.calibrate_only and (cfg.score != Config.score or cfg.channels):
+        raise ValueError("--calibrate-only keeps the bundle's fitted detector: drop --score / --channels, or "
+                         "fit again without --calibrate-only")
+    check_channels(cfg)
+
+
 def check_channels(cfg: Config) -> None:
     """--channels names the channels of --score channels, and only those."""
     if cfg.score == "channels" and not cfg.channels:
@@ -154,8 +183,9 @@ def candidate_params(cfg: Config, name: str) -> dict:
 
 
 def fit_bundle(cfg: Config) -> dict:
-    check(cfg)
-    check_channels(cfg)
+    check_options(cfg)
+    if cfg.calibrate_only:
+        return recalibrate_bundle(cfg)
     # the attacks that run are recorded (fit_config), not the empty "default"
     cfg = dataclasses.replace(cfg, ablation_attacks=ablation_attacks(cfg))
     started = time.time()
@@ -166,9 +196,7 @@ def fit_bundle(cfg: Config) -> dict:
     train, val = train_validation(bundle, spec)
     if cfg.limit_train:
         train = train.head(cfg.limit_train)
-    ablation_set, calibration, notes = validation_splits(model, val, cfg.n_ablation, cfg.seed)
-    for note in notes:
-        print(f"note: {note}")
+    ablation_set, calibration, notes = _splits(cfg, model, val, cfg.n_ablation, cfg.seed)
     names = PATH_SCORES if cfg.score == "auto" else (cfg.score,)
     # every block's features only when a candidate reads them (detector v2's channels)
     blocks = any("blocks" in DETECTORS[name].requires for name in names)
@@ -184,11 +212,10 @@ def fit_bundle(cfg: Config) -> dict:
     table = ablation(candidates, observe(model, ablation_set.images, blocks=blocks),
                      _attack_batches(model, ablation_set, cfg, blocks))
     chosen = max(table, key=lambda s: table[s]["mean_auroc"]) if cfg.score == "auto" else cfg.score
-    detector = candidates[chosen].calibrate(observe(model, calibration.images, blocks=blocks))
+    detector, calibration_summary = _calibrate(candidates[chosen], model, calibration, cfg)
     summary = {
         "fitted_on": {"clean_train_images": len(train), "data": spec.to_json()},
-        "calibration": {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr,
-                        "per_class": class_counts(calibration.labels)},
+        "calibration": calibration_summary,
         "ablation": {"validation_images": len(ablation_set), "attacks": list(cfg.ablation_attacks),
                      "seed": cfg.seed, "results": table, "chosen": chosen, "rule": "best mean AUROC"},
         "threshold_check": threshold_check(bundle, spec, detector),
@@ -197,10 +224,65 @@ def fit_bundle(cfg: Config) -> dict:
         "wall_seconds": time.time() - started,
     }
     save_detector(bundle.path, detector, summary)
-    update_bundle_card(bundle.path, {"detector": {"score": chosen, "threshold": detector.threshold_,
-                                                  "target_fpr": cfg.target_fpr, "ablation": table,
-                                                  "threshold_check": summary["threshold_check"]}})
+    _update_card(bundle, detector, summary, table)
     return {"score": chosen, "threshold": detector.threshold_, **summary}
+
+
+def recalibrate_bundle(cfg: Config) -> dict:
+    """--calibrate-only: the bundle's fitted detector kept as it is, only its
+    threshold set again (--target-fpr, --fpr-confidence) on the calibration
+    split its fit used (rebuilt from the recorded seed and ablation size)."""
+    started = time.time()
+    bundle = load_bundle(cfg.bundle).to(resolve_device(cfg.device))
+    detector = load_detector(bundle)
+    saved = read_json(bundle.path / DETECTOR_CONFIG)
+    fitted = saved.get("fit_config") or {}
+    spec = data_spec(bundle, cfg.dataset, cfg.data_root)
+    _, val = train_validation(bundle, spec)
+    _, calibration, notes = _splits(cfg, bundle.decoupled, val, fitted.get("n_ablation", cfg.n_ablation),
+                                    fitted.get("seed", cfg.seed))
+    previous = {"threshold": detector.threshold_, "target_fpr": detector.target_fpr,
+                "calibration": {k: v for k, v in (saved.get("calibration") or {}).items() if k != "per_class"}}
+    detector.target_fpr = cfg.target_fpr
+    detector, calibration_summary = _calibrate(detector, bundle.decoupled, calibration, cfg)
+    summary = {k: v for k, v in saved.items() if k not in ("version", *detector.config())}
+    summary.update(calibration=calibration_summary, threshold_check=threshold_check(bundle, spec, detector),
+                   recalibrated={"previous": previous, "config": as_json(cfg), "notes": notes,
+                                 "wall_seconds": time.time() - started})
+    save_detector(bundle.path, detector, summary)
+    _update_card(bundle, detector, summary, (summary.get("ablation") or {}).get("results"))
+    return {"score": detector.name, "threshold": detector.threshold_, **summary}
+
+
+def _splits(cfg: Config, model, val: ImageSet, n_ablation: int, seed: int) -> tuple[ImageSet, ImageSet, list[str]]:
+    """validation_splits, refusing a calibration split too small for the
+    --fpr-confidence bound before anything is fitted; prints the notes."""
+    ablation_set, calibration, notes = validation_splits(model, val, n_ablation, seed)
+    if cfg.fpr_confidence:
+        try:
+            allowed_exceedances(len(calibration), cfg.target_fpr, cfg.fpr_confidence)
+        except ValueError as err:
+            raise SplitError(f"calibration split: {err}") from None
+    for note in notes:
+        print(f"note: {note}")
+    return ablation_set, calibration, notes
+
+
+def _calibrate(detector: PathScore, model, calibration: ImageSet, cfg: Config) -> tuple[PathScore, dict]:
+    """The detector's threshold set on the clean calibration images, and
+    what it means there (profile.json's "calibration")."""
+    scores = detector.score_samples(detector.observe(model, calibration.images))
+    detector.calibrate_scores(scores, cfg.fpr_confidence)
+    return detector, {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr,
+                      **calibration_facts(scores, detector.threshold_, cfg.target_fpr, cfg.fpr_confidence),
+                      "per_class": class_counts(calibration.labels)}
+
+
+def _update_card(bundle: Bundle, detector: PathScore, summary: dict, table: dict | None) -> None:
+    update_bundle_card(bundle.path, {"detector": {
+        "score": detector.name, "threshold": detector.threshold_, "target_fpr": detector.target_fpr,
+        "fpr_confidence": summary["calibration"]["confidence"], "ablation": table,
+        "threshold_check": summary["threshold_check"]}})
 
 
 def threshold_check(bundle: Bundle, spec, detector: PathScore) -> dict:
@@ -218,14 +300,22 @@ def threshold_check(bundle: Bundle, spec, detector: PathScore) -> dict:
 
 def run(cfg: Config) -> dict:
     result = fit_bundle(cfg)
-    print("ablation on validation attacks (AUROC):")
-    for score, row in sorted(result["ablation"]["results"].items(), key=lambda kv: -kv[1]["mean_auroc"]):
-        per = ", ".join(f"{a}={v:.4f}" for a, v in row["auroc"].items())
-        print(f"  {score:18s} mean={row['mean_auroc']:.4f}  {per}")
+    if cfg.calibrate_only:
+        was = result["recalibrated"]["previous"]
+        print(f"kept the fitted {result['score']}; threshold was {was['threshold']:.6g} "
+              f"(target FPR {was['target_fpr']})")
+    else:
+        print("ablation on validation attacks (AUROC):")
+        for score, row in sorted(result["ablation"]["results"].items(), key=lambda kv: -kv[1]["mean_auroc"]):
+            per = ", ".join(f"{a}={v:.4f}" for a, v in row["auroc"].items())
+            print(f"  {score:18s} mean={row['mean_auroc']:.4f}  {per}")
     check_ = result["threshold_check"]
-    print(f"chosen score: {result['score']}; threshold {result['threshold']:.6g} (target FPR {cfg.target_fpr}, "
-          f"calibrated on {result['calibration']['clean_validation_images']} clean validation images) "
-          f"written to {cfg.bundle}")
+    cal = result["calibration"]
+    bound = (f", upper {cfg.fpr_confidence:g}-bound {cal['fpr_upper_bound']:.4f}" if cfg.fpr_confidence else "")
+    label = "score" if cfg.calibrate_only else "chosen score"
+    print(f"{label}: {result['score']}; threshold {result['threshold']:.6g} (target FPR {cfg.target_fpr}, "
+          f"calibrated on {cal['clean_validation_images']} clean validation images: FPR there "
+          f"{cal['calibration_fpr']:.4f}{bound}) written to {cfg.bundle}")
     print(f"threshold check on the {check_['test_images']} clean test images: FPR {check_['fpr_all']:.4f} "
           f"(correctly classified ones: {check_['fpr_correctly_classified']:.4f})")
     return result

@@ -57,8 +57,11 @@ def markdown_table(report: dict) -> str:
             f"| {name}{star} | {a['success_rate']:.3f} | {a['mean_l2']:.3f} | {a['mean_linf']:.3f} | {aurocs} "
             f"| {d['path']['tpr_at_5fpr']:.3f} | {t['adversarial_flag_rate']:.3f} | {t['noise_flag_rate']:.3f} |")
     lines += natural_table(report)
+    reused = report.get("attack_sets_reused") or {}
+    note = (f"; {len(reused)} attack set(s) reused from --attacks-from {report['config']['attacks_from']}, "
+            "their generation not included" if reused else "")
     lines += ["", f"Wall time: {report['wall_seconds']:.0f} s ({report['versions']['threads']} threads, "
-                  f"{report['versions']['machine']})."]
+                  f"{report['versions']['machine']}{note})."]
     return "\n".join(lines) + "\n"
 
 
