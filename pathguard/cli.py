@@ -57,7 +57,7 @@ def add_config_options(parser: argparse.ArgumentParser, config_cls) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif isinstance(f.default, tuple):
             # argparse appends to (and so needs) a list default; config_from_args makes it a tuple again
-            action = {"action": "append"} if meta.get("repeat") else {"nargs": "+"}
+            action = {"action": "append"} if meta.get("repeat") else {"nargs": "*" if meta.get("empty") else "+"}
             parser.add_argument(flag, type=kind, choices=meta.get("choices"), metavar=f.name.upper(), **action,
                                 **{**common, "default": list(f.default)})
         else:

@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from pathguard.detector.bundle import load_bundle, load_detector
+from pathguard.detector.data import ImageSet
 from pathguard.detector.detectors import PATH_SCORES
 from pathguard.cli import main
 
@@ -78,6 +80,18 @@ def test_evaluate_quick_writes_every_report_file(fitted_bundle, tmp_path):
         assert set(rec["auroc"]) == set(report["detectors"]["unsupervised"] + report["detectors"]["supervised"])
     assert "same_class_rate" in natural["groups"]["inverted"]
     assert "same_class_rate" not in natural["groups"]["blank-grey"]
+    # the split by answer adds back up to the group's flag rate, and the wrong-answer rate to the whole set's
+    wrong = flagged_wrong = 0.0
+    for rec in natural["groups"].values():
+        if "same_class_rate" not in rec:
+            wrong, flagged_wrong = wrong + rec["images"], flagged_wrong + rec["flag_rate"] * rec["images"]
+            continue
+        same, changed, stayed = rec["same_class_rate"], rec["flag_rate_class_changed"], rec["flag_rate_same_class"]
+        parts = (same * (stayed or 0.0)) + (1 - same) * (changed or 0.0)
+        assert parts == pytest.approx(rec["flag_rate"], abs=1e-9)
+        wrong, flagged_wrong = wrong + (1 - same) * 40, flagged_wrong + (1 - same) * 40 * (changed or 0.0)
+    assert natural["flag_rate_wrong_answer"] == pytest.approx(flagged_wrong / wrong, abs=1e-9)
+    assert "flagged, class changed" in (out / "report.md").read_text()
     assert "Natural out-of-distribution" in (out / "report.md").read_text()
     with_metrics = [a for a, r in report["attacks"].items() if r["detectors"]]
     assert {"fgsm", "pgd"} <= set(with_metrics)
@@ -143,6 +157,18 @@ def test_evaluate_reuses_the_attack_sets_it_saved(fitted_bundle, tmp_path, capsy
         assert b["attacks"][name]["attack"] == a["attacks"][name]["attack"]
         assert b["attacks"][name]["detectors"] == a["attacks"][name]["detectors"]
     assert "4 attack set(s) reused from --attacks-from" in (second / "report.md").read_text()
+    # the bundle's detector alone (--supervised with no names): no supervised sets needed, none starred
+    alone = tmp_path / "alone"
+    assert main(["evaluate", "--bundle", str(copy), "--output", str(alone), "--attacks-from", str(sets),
+                 *REUSE_RUN[:REUSE_RUN.index("--unsupervised")], "--unsupervised", "path", "--supervised",
+                 "--no-natural", "--no-update-card"]) == 0
+    c = json.loads((alone / "report.json").read_text())
+    assert (c["detectors"]["unsupervised"], c["detectors"]["supervised"]) == (["path"], [])
+    assert set(c["attack_sets_reused"]) == {"test:fgsm", "test:pgd"}
+    assert "supervised training" not in c["timing_seconds"]
+    for name in ("fgsm", "pgd"):
+        assert c["attacks"][name]["detectors"]["path"] == a["attacks"][name]["detectors"]["path"]
+        assert c["attacks"][name]["seen_by_supervised"] is False
     capsys.readouterr()
 
     # another seed draws other images and attacks with another seed: refused, nothing written
@@ -159,3 +185,21 @@ def test_evaluate_reuses_the_attack_sets_it_saved(fitted_bundle, tmp_path, capsy
     assert main(["evaluate", "--bundle", str(copy), "--output", str(tmp_path / "fourth"), "--attacks-from",
                  str(sets), *REUSE_RUN]) == 2
     assert "does not record the model it was made against" in capsys.readouterr().err
+
+
+def test_supervised_flag_alone_means_no_supervised_detectors():
+    from pathguard.cli import build_parser, config_from_args
+    from pathguard.jobs import evaluate
+
+    parser = build_parser()
+    alone = config_from_args(evaluate.Config, parser.parse_args(["evaluate", "--supervised"]))
+    assert alone.supervised == ()
+    assert evaluate.attack_tasks(alone, ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), ("a",)),
+                                 None).keys() == {f"test:{a}" for a in alone.attacks}
+    named = config_from_args(evaluate.Config, parser.parse_args(["evaluate", "--supervised", "lid"]))
+    assert named.supervised == ("lid",)
+    default = config_from_args(evaluate.Config, parser.parse_args(["evaluate"]))
+    assert default.supervised == ("path-supervised", "channels-supervised", "lid")
+    # other list options still need at least one value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--attacks"])

@@ -19,12 +19,14 @@ DEFAULT_BUNDLE_TEXT = str(DEFAULT_BUNDLE)
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, minimum: float | None = None,
-           kind: type | None = None, flag: str | None = None, repeat: bool = False):
+           kind: type | None = None, flag: str | None = None, repeat: bool = False, empty: bool = False):
     """A job option.  ``kind`` is the value type when the default does not
     show it (None defaults, tuples); ``flag`` replaces the option's
     --field-name; ``repeat`` makes a tuple option repeatable (--set a --set b)
-    instead of taking several values after one flag."""
-    meta = {"help": help, "choices": choices, "minimum": minimum, "kind": kind, "flag": flag, "repeat": repeat}
+    instead of taking several values after one flag; ``empty`` lets a tuple
+    option's flag stand alone for none."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "kind": kind, "flag": flag, "repeat": repeat,
+            "empty": empty}
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple for a list-valued option")
     return dataclasses.field(default=default, metadata=meta)

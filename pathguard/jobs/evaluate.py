@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pathguard.attacks.generate import save_attack_set
@@ -77,8 +78,9 @@ class Config(BundleOptions):
                                   "knn"),
                                  "unsupervised detectors ('path' = the bundle's)",
                                  choices=(BUNDLE_DETECTOR, *DETECTORS))
-    supervised: tuple = option(("path-supervised", "channels-supervised", "lid"), "supervised detectors",
-                               choices=tuple(DETECTORS))
+    supervised: tuple = option(("path-supervised", "channels-supervised", "lid"),
+                               "supervised detectors (the flag alone: none, and no supervised attack sets)",
+                               choices=tuple(DETECTORS), empty=True)
     supervised_attacks: tuple = option(("fgsm", "pgd"), "attacks the supervised detectors are trained on",
                                        choices=SELECTABLE_ATTACKS)
     n_supervised: int = option(1000, "validation images attacked to train the supervised detectors", minimum=1)
@@ -285,7 +287,7 @@ def _score_attack(run: _Run, name: str, clean_batch: PathBatch, clean_scores: di
             "mean_l2": float(aset.l2[ok].mean()) if ok.any() else None,
             "mean_linf": float(aset.linf[ok].mean()) if ok.any() else None,
         },
-        "seen_by_supervised": name in cfg.supervised_attacks,
+        "seen_by_supervised": bool(cfg.supervised) and name in cfg.supervised_attacks,
     }
     if ok.sum() < 2:
         record["detectors"] = {}
@@ -314,19 +316,34 @@ def _score_natural(run: _Run, clean_batch: PathBatch, clean_scores: dict) -> dic
     detector's AUROC of the group against the clean evaluation images."""
     natural = natural_ood(run.evalset.images, seed=run.cfg.seed)
     path = run.detectors[BUNDLE_DETECTOR]
-    out = {}
+    out, answers = {}, []
     for name, images in natural.groups.items():
         batch = run.observe(images)
         scores = {d: det.score_samples(batch) for d, det in run.detectors.items()}
-        record = {"images": len(images), "provenance": natural.provenance[name],
-                  "flag_rate": float(path.flag(scores[BUNDLE_DETECTOR]).mean()),
+        flagged = np.asarray(path.flag(scores[BUNDLE_DETECTOR]), dtype=bool)
+        record = {"images": len(images), "provenance": natural.provenance[name], "flag_rate": float(flagged.mean()),
                   "auroc": {d: detection_metrics(clean_scores[d], scores[d])["auroc"] for d in run.detectors}}
+        # An image made from a test image has a right answer (its source's class); the others have none.
+        same = (batch.predictions == run.evalset.labels).numpy() if natural.provenance[name]["from_test_images"] \
+            else np.zeros(len(images), dtype=bool)
         if natural.provenance[name]["from_test_images"]:
-            record["same_class_rate"] = float((batch.predictions == run.evalset.labels).float().mean())
+            record.update(flag_split(flagged, same))
+        answers.append((flagged, same))
         out[name] = record
-    flagged = sum(r["flag_rate"] * r["images"] for r in out.values()) / sum(r["images"] for r in out.values())
-    return {"groups": out, "flag_rate_all": flagged, "seed": run.cfg.seed,
+    flagged_all, same_all = (np.concatenate(parts) for parts in zip(*answers))
+    return {"groups": out, "flag_rate_all": float(flagged_all.mean()), "seed": run.cfg.seed,
+            "flag_rate_wrong_answer": float(flagged_all[~same_all].mean()) if (~same_all).any() else None,
             "clean_flag_rate": float(path.flag(clean_scores[BUNDLE_DETECTOR]).mean())}
+
+
+def flag_split(flagged: np.ndarray, same: np.ndarray) -> dict:
+    """The share classified as the source image's class, and the share
+    flagged among the images whose answer changed (wrong: the answer a
+    flag should stop) and among those whose answer stayed right (None
+    where there are none)."""
+    return {"same_class_rate": float(same.mean()),
+            "flag_rate_class_changed": float(flagged[~same].mean()) if (~same).any() else None,
+            "flag_rate_same_class": float(flagged[same].mean()) if same.any() else None}
 
 
 def evaluate(cfg: Config) -> dict:

@@ -73,16 +73,29 @@ def natural_table(report: dict) -> list[str]:
     names = report["detectors"]["unsupervised"] + report["detectors"]["supervised"]
     lines = ["", f"Natural out-of-distribution images (from the evaluation images, seed {natural['seed']}): "
                  f"share flagged at the stored threshold ({natural['flag_rate_all']:.3f} over all groups; "
-                 f"clean evaluation images: {natural['clean_flag_rate']:.3f}), share given the source "
-                 "image's class, and AUROC against the clean evaluation images.", "",
-             "| group | images | flagged | same class | " + " | ".join(names) + " |",
-             "|---" * (4 + len(names)) + "|"]
+                 f"clean evaluation images: {natural['clean_flag_rate']:.3f}{_wrong_answer(natural)}), share "
+                 "given the source image's class, share flagged among the images whose class changed and "
+                 "among those whose class stayed, and AUROC against the clean evaluation images.", "",
+             "| group | images | flagged | same class | flagged, class changed | flagged, class stayed | "
+             + " | ".join(names) + " |",
+             "|---" * (6 + len(names)) + "|"]
     for name, rec in natural["groups"].items():
-        same = rec.get("same_class_rate")
+        split = " | ".join(_rate(rec.get(k)) for k in ("same_class_rate", "flag_rate_class_changed",
+                                                         "flag_rate_same_class"))
         aurocs = " | ".join(f"{rec['auroc'][d]:.4f}" for d in names)
-        lines.append(f"| {name} | {rec['images']} | {rec['flag_rate']:.3f} | "
-                     f"{'-' if same is None else f'{same:.3f}'} | {aurocs} |")
+        lines.append(f"| {name} | {rec['images']} | {rec['flag_rate']:.3f} | {split} | {aurocs} |")
     return lines
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _wrong_answer(natural: dict) -> str:
+    """Reports from before the split have no wrong-answer rate."""
+    rate = natural.get("flag_rate_wrong_answer")
+    return "" if rate is None else (f"; images without a right answer (no source class, or the class "
+                                    f"changed): {rate:.3f}")
 
 
 def _roc_png(report: dict, name: str, per_detector: dict) -> bytes:
