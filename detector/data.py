@@ -601,14 +601,40 @@ def _load_folder(spec: DataSpec, split: str) -> ImageSet:
     tally: dict[str, list[str]] = {}
     arrays = [_read_image(path, channels, (height, width), resolved.resize, tally) for path in listing.files]
     notes += split_notes
-    for key, wheres in tally.items():
-        template = TALLY_TEXT.get(key, "converted {n} image(s) from " + key + " to RGB")
-        text = template.format(n=len(wheres), size=f"{width}x{height}", rule=RESIZE_TEXT.get(resolved.resize))
-        notes.append(f"{text} ({_examples(wheres, Path(resolved.root))})")
+    notes += _tally_notes(tally, (height, width), resolved.resize, Path(resolved.root))
     data = ImageSet(torch.from_numpy(np.stack(arrays)), torch.from_numpy(listing.labels), resolved.classes,
                     notes, resolved)
     _check_recorded(spec, data, resolved.root)
     return data
+
+
+def _tally_notes(tally: dict[str, list[str]], size: tuple[int, int], resize: str, root: Path) -> list[str]:
+    """One note per kind of conversion, with a few of the images it touched."""
+    height, width = size
+    notes = []
+    for key, wheres in tally.items():
+        template = TALLY_TEXT.get(key, "converted {n} image(s) from " + key + " to RGB")
+        text = template.format(n=len(wheres), size=f"{width}x{height}", rule=RESIZE_TEXT.get(resize))
+        notes.append(f"{text} ({_examples(wheres, root)})")
+    return notes
+
+
+def load_unlabelled_images(root: str | os.PathLike, channels: int, size: tuple[int, int],
+                           resize: str = "pad") -> tuple[torch.Tensor, list[str]]:
+    """Every image file under ``root`` (searched recursively, in sorted path
+    order; no labels: e.g. a deployment's own clean traffic) as (N, C, H, W)
+    float32 in [0, 1] with ``channels`` channels at ``size`` = (height,
+    width), converted by the rules above (``resize``: see ``fit_size``), and
+    notes saying what was converted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DatasetError(f"{root}: holds no images (suffixes {sorted(IMAGE_SUFFIXES)})")
+    tally: dict[str, list[str]] = {}
+    arrays = [_read_image(path, channels, size, resize, tally) for path in files]
+    return torch.from_numpy(np.stack(arrays)), _tally_notes(tally, size, resize, root)
 
 
 def load_image_folder(root: str | os.PathLike, channels: int | None = 1, size: int | None = None,

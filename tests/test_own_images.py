@@ -327,7 +327,62 @@ def test_fit_calibrate_only_sets_another_operating_point(walk, tmp_path, capsys)
     assert card["threshold"] == profile["threshold"] and card["threshold_check"] == profile["threshold_check"]
 
 
+def test_fit_calibrate_only_on_a_folder_of_own_images(walk, tmp_path, capsys):
+    """--calibration-images sets the fitted detector's threshold on the
+    clean images under a folder (searched recursively, no labels, mixed
+    sizes and formats converted as the training data was): the plain
+    quantile of their scores, recomputed here from the folder loaded by the
+    labelled loader; a folder with too few images is refused, nothing
+    written."""
+    bundle = shutil.copytree(walk["bundle"], tmp_path / "bundle")
+    tensors = (bundle / "profile.safetensors").read_bytes()
+    own = walk["root"] / "train"  # 800 images in class folders: the labels are not read
+    assert main(["fit", "--bundle", str(bundle), "--calibrate-only", "--calibration-images", str(own),
+                 "--target-fpr", "0.1", "--fpr-confidence", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    profile = _json(bundle / "profile.json")
+    assert (bundle / "profile.safetensors").read_bytes() == tensors  # the fitted detector, untouched
+    cal = profile["calibration"]
+    assert cal["clean_images"] == 4 * PER_CLASS["train"] and cal["source"]["folder"] == str(own)
+    assert "per_class" not in cal and cal["rule"] == "quantile"
+    assert any(note.startswith(f"resized {_count(walk, 'train', 'big')} image(s) to 28x28")
+               for note in cal["source"]["notes"])
+    assert f"calibrated on {4 * PER_CLASS['train']} clean images of {own}" in out
+    detector = load_detector(load_bundle(bundle))
+    same = load_split(DataSpec("folder", str(walk["root"]), image_size=28, channels=1), "train")
+    scores = detector.score_samples(detector.observe(load_bundle(bundle).decoupled, same.images))
+    assert detector.threshold_ == pytest.approx(float(np.quantile(scores, 0.9, method="higher")), rel=1e-5)
+    assert cal["calibration_fpr"] == pytest.approx(float((scores > detector.threshold_).mean()), abs=1e-9)
+    previous = _json(walk["bundle"] / "profile.json")["threshold"]
+    assert profile["recalibrated"]["previous"]["threshold"] == previous
+    flagged = float((scores > previous).mean())  # how unlike the fit's clean images these are
+    assert cal["source"]["flagged_at_previous_threshold"] == pytest.approx(flagged, abs=1e-9)
+    assert ("warning: the previous threshold" in out) == (flagged > 2 * 0.05)
+    # negatives of the same items (light background): unlike anything the detector was fitted on
+    negatives = tmp_path / "negatives"
+    negatives.mkdir()
+    for path in sorted(own.rglob("*.png"))[:260]:
+        with Image.open(path) as img:
+            Image.fromarray(255 - np.asarray(img.convert("L"))).save(negatives / path.name)
+    unlike = shutil.copytree(walk["bundle"], tmp_path / "unlike")
+    assert main(["fit", "--bundle", str(unlike), "--calibrate-only", "--calibration-images", str(negatives),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    source = _json(unlike / "profile.json")["calibration"]["source"]
+    assert source["flagged_at_previous_threshold"] > 0.1
+    assert f"warning: the previous threshold ({previous:.6g}) flagged " in out
+
+    before = (bundle / "profile.json").read_bytes()
+    few = walk["root"] / "test"  # 240 images
+    assert main(["fit", "--bundle", str(bundle), "--calibrate-only", "--calibration-images", str(few),
+                 "--no-progress"]) == 2
+    assert f"{4 * PER_CLASS['test']} images under {few}, at least 250 are needed" in capsys.readouterr().err
+    assert (bundle / "profile.json").read_bytes() == before
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--calibration-images", "photos"], "--calibration-images sets the threshold of a fitted detector: add "
+                                         "--calibrate-only"),
     (["--score", "channels"], "--score channels needs --channels"),
     (["--score", "fusion-path", "--channels", "confidence"], "--channels is for --score channels"),
     (["--score", "channels", "--channels", "confidance"], "channel 'confidance': kind must be one of"),

@@ -39,7 +39,7 @@ from pathguard.detector.bundle import (
     DETECTOR_CONFIG, Bundle, load_bundle, load_detector, save_detector, update_bundle_card,
 )
 from pathguard.detector.calibration import allowed_exceedances, calibration_facts
-from pathguard.detector.data import ImageSet
+from pathguard.detector.data import ImageSet, load_unlabelled_images
 from pathguard.detector.detectors import DETECTORS, PATH_SCORES, PathScore, make_detector
 from pathguard.detector.devices import resolve_device
 from pathguard.detector.metrics import detection_metrics
@@ -94,6 +94,12 @@ class Config(BundleOptions):
     # only the threshold is set again (--target-fpr, --fpr-confidence).
     calibrate_only: bool = option(False, "keep the bundle's fitted detector and only set its threshold again "
                                   "(--target-fpr, --fpr-confidence) on the calibration split its fit used")
+    # The threshold's promise holds for images like its calibration images: a
+    # deployment whose clean traffic differs from the validation split sets it
+    # on its own clean images instead.
+    calibration_images: str | None = option(None, "with --calibrate-only: set the threshold on the clean images "
+                                            "under this folder (searched recursively, no labels) instead",
+                                            kind=str)
 
 
 def validation_splits(model, val: ImageSet, n_ablation: int, seed: int) -> tuple[ImageSet, ImageSet, list[str]]:
@@ -158,6 +164,8 @@ def check_options(cfg: Config) -> None:
         raise ValueError(f"target-fpr: must be in (0, 1), got {cfg.target_fpr}")
     if not 0.0 <= cfg.fpr_confidence < 1.0:
         raise ValueError(f"fpr-confidence: must be in [0, 1), got {cfg.fpr_confidence}")
+    if cfg.calibration_images and not cfg.calibrate_only:
+        raise ValueError("--calibration-images sets the threshold of a fitted detector: add --calibrate-only")
     if cfg.calibrate_only and (cfg.score != Config.score or cfg.channels):
         raise ValueError("--calibrate-only keeps the bundle's fitted detector: drop --score / --channels, or "
                          "fit again without --calibrate-only")
@@ -212,7 +220,7 @@ def fit_bundle(cfg: Config) -> dict:
     table = ablation(candidates, observe(model, ablation_set.images, blocks=blocks),
                      _attack_batches(model, ablation_set, cfg, blocks))
     chosen = max(table, key=lambda s: table[s]["mean_auroc"]) if cfg.score == "auto" else cfg.score
-    detector, calibration_summary = _calibrate(candidates[chosen], model, calibration, cfg)
+    detector, calibration_summary = _calibrate(candidates[chosen], model, calibration.images, cfg, calibration.labels)
     summary = {
         "fitted_on": {"clean_train_images": len(train), "data": spec.to_json()},
         "calibration": calibration_summary,
@@ -238,13 +246,18 @@ def recalibrate_bundle(cfg: Config) -> dict:
     saved = read_json(bundle.path / DETECTOR_CONFIG)
     fitted = saved.get("fit_config") or {}
     spec = data_spec(bundle, cfg.dataset, cfg.data_root)
-    _, val = train_validation(bundle, spec)
-    _, calibration, notes = _splits(cfg, bundle.decoupled, val, fitted.get("n_ablation", cfg.n_ablation),
-                                    fitted.get("seed", cfg.seed))
+    if cfg.calibration_images:
+        images, notes = _own_calibration_images(cfg, bundle, spec)
+        labels, source = None, {"folder": cfg.calibration_images, "notes": notes}
+    else:
+        _, val = train_validation(bundle, spec)
+        _, calibration, notes = _splits(cfg, bundle.decoupled, val, fitted.get("n_ablation", cfg.n_ablation),
+                                        fitted.get("seed", cfg.seed))
+        images, labels, source = calibration.images, calibration.labels, None
     previous = {"threshold": detector.threshold_, "target_fpr": detector.target_fpr,
                 "calibration": {k: v for k, v in (saved.get("calibration") or {}).items() if k != "per_class"}}
     detector.target_fpr = cfg.target_fpr
-    detector, calibration_summary = _calibrate(detector, bundle.decoupled, calibration, cfg)
+    detector, calibration_summary = _calibrate(detector, bundle.decoupled, images, cfg, labels, source)
     summary = {k: v for k, v in saved.items() if k not in ("version", *detector.config())}
     summary.update(calibration=calibration_summary, threshold_check=threshold_check(bundle, spec, detector),
                    recalibrated={"previous": previous, "config": as_json(cfg), "notes": notes,
@@ -268,14 +281,43 @@ def _splits(cfg: Config, model, val: ImageSet, n_ablation: int, seed: int) -> tu
     return ablation_set, calibration, notes
 
 
-def _calibrate(detector: PathScore, model, calibration: ImageSet, cfg: Config) -> tuple[PathScore, dict]:
-    """The detector's threshold set on the clean calibration images, and
-    what it means there (profile.json's "calibration")."""
-    scores = detector.score_samples(detector.observe(model, calibration.images))
+def _own_calibration_images(cfg: Config, bundle: Bundle, spec) -> tuple[torch.Tensor, list[str]]:
+    """--calibration-images: the folder's images at the model's input shape
+    (converted as the training data was: grey or colour, resized by the data's
+    rule), refused when too few to calibrate on."""
+    arch = bundle.decoupled.arch
+    images, notes = load_unlabelled_images(cfg.calibration_images, arch.in_channels,
+                                           (arch.image_size, arch.image_size), getattr(spec, "resize", None) or "pad")
+    if len(images) < MIN_CALIBRATION:
+        raise SplitError(f"--calibration-images: {len(images)} images under {cfg.calibration_images}, at least "
+                         f"{MIN_CALIBRATION} are needed for a threshold")
+    if cfg.fpr_confidence:
+        try:
+            allowed_exceedances(len(images), cfg.target_fpr, cfg.fpr_confidence)
+        except ValueError as err:
+            raise SplitError(f"--calibration-images: {err}") from None
+    for note in notes:
+        print(f"note: {cfg.calibration_images}: {note}")
+    return images, notes
+
+
+def _calibrate(detector: PathScore, model, images: torch.Tensor, cfg: Config, labels: torch.Tensor | None = None,
+               source: dict | None = None) -> tuple[PathScore, dict]:
+    """The detector's threshold set on clean calibration images, and what
+    it means there (profile.json's "calibration"): the validation split's
+    (``labels`` given, counted per class) or a folder of the user's own
+    (``source``)."""
+    scores = detector.score_samples(detector.observe(model, images))
+    if source is not None and detector.threshold_ is not None:
+        # how unlike the fit's clean images these are: a clean image scores above the old threshold
+        # about target-FPR of the time when it is like them
+        source = {**source, "flagged_at_previous_threshold": float(detector.flag(scores).mean())}
     detector.calibrate_scores(scores, cfg.fpr_confidence)
-    return detector, {"clean_validation_images": len(calibration), "target_fpr": cfg.target_fpr,
-                      **calibration_facts(scores, detector.threshold_, cfg.target_fpr, cfg.fpr_confidence),
-                      "per_class": class_counts(calibration.labels)}
+    facts = calibration_facts(scores, detector.threshold_, cfg.target_fpr, cfg.fpr_confidence)
+    if source is not None:
+        return detector, {"clean_images": len(images), "source": source, "target_fpr": cfg.target_fpr, **facts}
+    return detector, {"clean_validation_images": len(images), "target_fpr": cfg.target_fpr, **facts,
+                      "per_class": class_counts(labels)}
 
 
 def _update_card(bundle: Bundle, detector: PathScore, summary: dict, table: dict | None) -> None:
@@ -313,9 +355,25 @@ def run(cfg: Config) -> dict:
     cal = result["calibration"]
     bound = (f", upper {cfg.fpr_confidence:g}-bound {cal['fpr_upper_bound']:.4f}" if cfg.fpr_confidence else "")
     label = "score" if cfg.calibrate_only else "chosen score"
+    where = (f"{cal['clean_images']} clean images of {cal['source']['folder']}" if "source" in cal
+             else f"{cal['clean_validation_images']} clean validation images")
     print(f"{label}: {result['score']}; threshold {result['threshold']:.6g} (target FPR {cfg.target_fpr}, "
-          f"calibrated on {cal['clean_validation_images']} clean validation images: FPR there "
-          f"{cal['calibration_fpr']:.4f}{bound}) written to {cfg.bundle}")
+          f"calibrated on {where}: FPR there {cal['calibration_fpr']:.4f}{bound}) written to {cfg.bundle}")
     print(f"threshold check on the {check_['test_images']} clean test images: FPR {check_['fpr_all']:.4f} "
           f"(correctly classified ones: {check_['fpr_correctly_classified']:.4f})")
+    _warn_if_unlike(cal, result["recalibrated"]["previous"] if cfg.calibrate_only else None)
     return result
+
+
+def _warn_if_unlike(cal: dict, previous: dict | None) -> None:
+    """A folder whose clean images the old threshold flagged far beyond its
+    target is unlike the data the detector was fitted on: the new threshold
+    keeps the FPR promise there by letting attacks through (README,
+    "Threshold with a confidence bound")."""
+    flagged = (cal.get("source") or {}).get("flagged_at_previous_threshold")
+    if flagged is None or flagged <= 2 * previous["target_fpr"]:
+        return
+    print(f"warning: the previous threshold ({previous['threshold']:.6g}) flagged {flagged:.1%} of these clean "
+          f"images (target {previous['target_fpr']:.1%}): they are unlike the data the detector was fitted on, "
+          f"and a threshold high enough for them lets attacks through; train and fit on such images instead "
+          f"(docs/own-images.md)")
