@@ -271,14 +271,19 @@ def _splits(cfg: Config, model, val: ImageSet, n_ablation: int, seed: int) -> tu
     """validation_splits, refusing a calibration split too small for the
     --fpr-confidence bound before anything is fitted; prints the notes."""
     ablation_set, calibration, notes = validation_splits(model, val, n_ablation, seed)
-    if cfg.fpr_confidence:
-        try:
-            allowed_exceedances(len(calibration), cfg.target_fpr, cfg.fpr_confidence)
-        except ValueError as err:
-            raise SplitError(f"calibration split: {err}") from None
+    _require_bound(cfg, len(calibration), "calibration split")
     for note in notes:
         print(f"note: {note}")
     return ablation_set, calibration, notes
+
+
+def _require_bound(cfg: Config, n: int, what: str) -> None:
+    """Refuse ``n`` calibration images too few for the --fpr-confidence bound."""
+    if cfg.fpr_confidence:
+        try:
+            allowed_exceedances(n, cfg.target_fpr, cfg.fpr_confidence)
+        except ValueError as err:
+            raise SplitError(f"{what}: {err}") from None
 
 
 def _own_calibration_images(cfg: Config, bundle: Bundle, spec) -> tuple[torch.Tensor, list[str]]:
@@ -291,11 +296,7 @@ def _own_calibration_images(cfg: Config, bundle: Bundle, spec) -> tuple[torch.Te
     if len(images) < MIN_CALIBRATION:
         raise SplitError(f"--calibration-images: {len(images)} images under {cfg.calibration_images}, at least "
                          f"{MIN_CALIBRATION} are needed for a threshold")
-    if cfg.fpr_confidence:
-        try:
-            allowed_exceedances(len(images), cfg.target_fpr, cfg.fpr_confidence)
-        except ValueError as err:
-            raise SplitError(f"--calibration-images: {err}") from None
+    _require_bound(cfg, len(images), "--calibration-images")
     for note in notes:
         print(f"note: {cfg.calibration_images}: {note}")
     return images, notes
