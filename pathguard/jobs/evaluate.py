@@ -324,9 +324,9 @@ def _score_natural(run: _Run, clean_batch: PathBatch, clean_scores: dict) -> dic
         record = {"images": len(images), "provenance": natural.provenance[name], "flag_rate": float(flagged.mean()),
                   "auroc": {d: detection_metrics(clean_scores[d], scores[d])["auroc"] for d in run.detectors}}
         # An image made from a test image has a right answer (its source's class); the others have none.
-        same = (batch.predictions == run.evalset.labels).numpy() if natural.provenance[name]["from_test_images"] \
-            else np.zeros(len(images), dtype=bool)
+        same = np.zeros(len(images), dtype=bool)
         if natural.provenance[name]["from_test_images"]:
+            same = (batch.predictions == run.evalset.labels).numpy()
             record.update(flag_split(flagged, same))
         answers.append((flagged, same))
         out[name] = record

@@ -292,7 +292,7 @@ def _own_calibration_images(cfg: Config, bundle: Bundle, spec) -> tuple[torch.Te
     rule), refused when too few to calibrate on."""
     arch = bundle.decoupled.arch
     images, notes = load_unlabelled_images(cfg.calibration_images, arch.in_channels,
-                                           (arch.image_size, arch.image_size), getattr(spec, "resize", None) or "pad")
+                                           (arch.image_size, arch.image_size), spec.resize)
     if len(images) < MIN_CALIBRATION:
         raise SplitError(f"--calibration-images: {len(images)} images under {cfg.calibration_images}, at least "
                          f"{MIN_CALIBRATION} are needed for a threshold")
