@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ from pathguard.cli import main as pathguard
 from pathguard.detector.bundle import load_bundle, load_detector
 from pathguard.detector.data import load_unlabelled_images
 from pathguard.jobs.data import data_spec, load_for
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channel_validation import write_json  # noqa: E402
 
 
 def write_pngs(images: np.ndarray, folder: Path) -> None:
@@ -96,10 +100,7 @@ def main() -> None:
           f"unshifted: {before['unshifted_held_out']:.4f} -> {after['unshifted_held_out']:.4f}; "
           f"{len(fgsm)} successful FGSM examples of shifted images: {before['shifted_fgsm']:.4f} -> "
           f"{after['shifted_fgsm']:.4f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"written to {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":
