@@ -23,9 +23,11 @@ calibration split; the combined score's threshold (its 95% quantile) on the
 other half.  FGSM, BIM, PGD, CW and DeepFool attack ``--n`` correctly
 classified images of the validation ablation pool: AUROC and the share
 flagged at that threshold; the natural groups (detector/natural.py) are
-built from the same pool images: the share flagged.
+built from the same pool images: the share flagged
+(``channel_validation.evaluate_candidate_sets``).
 
     python scripts/extra_channels_check.py [--n 400] [--json reports/detector-v2/extra-channels-check.json]
+        [--attacks-cache runs/val-attacks]
 """
 
 from __future__ import annotations
@@ -35,19 +37,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from pathguard.attacks.generate import generate_attack_set
-from pathguard.detector.metrics import detection_metrics
-from pathguard.detector.natural import natural_ood
 from pathguard.detector.provenance import ClassGaussian
 from pathguard.jobs.data import data_spec, train_validation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from channel_validation import fit_on_validation, write_json  # noqa: E402
+from channel_validation import SHIPPED, evaluate_candidate_sets, fit_on_validation, write_json  # noqa: E402
 
-SHIPPED = ("value:moments0", "confidence", "path")
 GRIDS = ("grid2-b0", "grid4-b0", "grid4-b2", "grid2-b6")
 SQUEEZES = ("squeeze-bit4", "squeeze-bit2", "squeeze-median2")
 CANDIDATES = GRIDS + SQUEEZES
@@ -56,7 +53,6 @@ SETS = (("min-p", SHIPPED, ()), *(("min-p", SHIPPED, (c,)) for c in CANDIDATES),
         ("min-p", SHIPPED, ("grid4-b2", "grid2-b6")), ("min-p", SHIPPED, ("grid4-b0", "grid2-b6")),
         ("min-p", SHIPPED, ("grid2-b0", "grid4-b2", "grid2-b6")), ("fisher", SHIPPED, ("squeeze-bit2",)),
         ("min-p", SHIPPED[:2], ()), ("min-p", SHIPPED[:2], ("squeeze-bit4",)))
-ATTACKS = ("fgsm", "bim", "pgd", "cw", "deepfool")
 
 
 def squeezed(images: torch.Tensor, name: str) -> torch.Tensor:
@@ -97,6 +93,8 @@ def main() -> None:
     parser.add_argument("--n-fit", type=int, default=20000, help="clean training images the Gaussians see")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--attacks-cache", default=None,
+                        help="folder of the pool's attack sets: reused when provably this run's, else made and saved")
     args = parser.parse_args()
     started = time.time()
     torch.manual_seed(args.seed)
@@ -113,53 +111,9 @@ def main() -> None:
         return {**{g: gaussians[g].distance(rows[g], rows["predicted"]).numpy() for g in GRIDS},
                 **{q: rows[q].double().numpy() for q in SQUEEZES}}
 
-    calibration = fitted.calibration.images
-    order = list(fitted.detector.channels_)
-    half = len(calibration) // 2
-    reference = distances(calibration[:half])
-
-    def scores(images) -> dict[tuple, np.ndarray]:
-        """Every set's score: the shipped channels' own log p, each candidate's against the reference half."""
-        shipped, raw = fitted.log_p(images), distances(images)
-        log_p = {c: np.log((1 + (reference[c][None, :] >= raw[c][:, None]).sum(1)) / (half + 1))
-                 for c in CANDIDATES}
-        out = {}
-        for rule, kept, added in SETS:
-            columns = np.concatenate([shipped[:, [order.index(k) for k in kept]]]
-                                     + [log_p[c][:, None] for c in added], 1)
-            out[(rule, kept, added)] = -2 * columns.sum(1) if rule == "fisher" else -columns.min(1)
-        return out
-
-    held = scores(calibration[half:])
-    thresholds = {s: float(np.quantile(held[s], 0.95, method="higher")) for s in SETS}
-    pool = fitted.pool
-    clean = scores(pool.images)
-    rows = {s: {"clean_pool_flagged": float((clean[s] > thresholds[s]).mean()), "natural": {}} for s in SETS}
-    natural = natural_ood(pool.images, seed=args.seed)
-    for group, images in natural.groups.items():
-        for s, v in scores(images).items():
-            rows[s]["natural"][group] = float((v > thresholds[s]).mean())
-    for attack in ATTACKS:
-        aset = generate_attack_set(fitted.bundle.decoupled, pool.images, pool.labels, attack, seed=args.seed,
-                                   progress=False)
-        ok = aset.success.numpy()
-        for s, v in scores(aset.adversarial[ok]).items():
-            metrics = detection_metrics(clean[s][ok], v, 0.05)
-            rows[s][attack] = {"auroc": metrics["auroc"], "flagged": float((v > thresholds[s]).mean()),
-                               "successes": int(ok.sum())}
-    print(f"validation only: {len(pool)} pool images, {len(calibration)} calibration images")
+    rows = evaluate_candidate_sets(fitted, distances, CANDIDATES, SETS, args.attacks_cache)
     result = {"bundle": str(fitted.bundle.path), "digest": fitted.bundle.digest, "seed": args.seed,
-              "pool_images": len(pool), "fit_images": len(draw), "rows": {}}
-    for s in SETS:
-        row = rows[s]
-        row["natural_all"] = float(np.mean(list(row["natural"].values())))
-        rule, kept, added = s
-        name = f"{rule}:" + "+".join(("shipped" if kept == SHIPPED else "+".join(kept),) + added)
-        result["rows"][name] = row
-        attacks = "  ".join(f"{a} {row[a]['auroc']:.4f}/{row[a]['flagged']:.3f}" for a in ATTACKS)
-        print(f"{name}: natural {row['natural_all']:.3f} (rotated-90 {row['natural']['rotated-90']:.3f}, "
-              f"rotated-180 {row['natural']['rotated-180']:.3f}), clean pool {row['clean_pool_flagged']:.3f}\n"
-              f"  AUROC/flagged {attacks}")
+              "pool_images": len(fitted.pool), "fit_images": len(draw), "rows": rows}
     result["wall_seconds"] = time.time() - started
     write_json(args.json, result)
 
