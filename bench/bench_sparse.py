@@ -11,7 +11,10 @@ models rotates per image, so drifts in machine load hit all of them alike):
   (d) a control: SparseGatedNet built from (a), i.e. the plain network with
       BatchNorm folded, through the same per-image code path but with no
       gates.  d/c isolates the gain from skipping filters from the gains of
-      BN folding and a leaner Python path.
+      BN folding and a leaner Python path;
+  (e), (f) (c) and (d) with their per-image loop run as plain Python
+      (``SparseGatedNet(..., compiled=False)``) instead of compiled by
+      TorchScript: what the compilation buys, same images, same run.
 
 It prints median and mean wall-clock latency per image (after a warm-up),
 the speedups b/c and a/c, the FLOP accounting of detector.acceleration
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         plain, decoupled, source = load_models(args.bundle, args.seed)
     sparse = SparseGatedNet(decoupled)
     folded_plain = SparseGatedNet(plain)
+    sparse_eager = SparseGatedNet(decoupled, compiled=False)
+    folded_plain_eager = SparseGatedNet(plain, compiled=False)
 
     data = load_dataset("fashion-mnist", "test").head(args.n)
     images, labels = data.images, data.labels
@@ -148,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         "dense_gated": lambda x: decoupled(x)[0],
         "sparse_gated": lambda x: sparse.trace_one(x).logits,
         "plain_folded": lambda x: folded_plain.trace_one(x).logits,
+        "sparse_eager": lambda x: sparse_eager.trace_one(x).logits,
+        "folded_eager": lambda x: folded_plain_eager.trace_one(x).logits,
     }
     names = list(runners)
     times = {k: [] for k in names}
@@ -192,7 +199,12 @@ def main(argv: list[str] | None = None) -> dict:
             "plain_over_sparse_mean": latency["plain"]["mean_ms"] / latency["sparse_gated"]["mean_ms"],
             "plain_folded_over_sparse_median":
                 latency["plain_folded"]["median_ms"] / latency["sparse_gated"]["median_ms"],
+            "folded_eager_over_sparse_eager_median":
+                latency["folded_eager"]["median_ms"] / latency["sparse_eager"]["median_ms"],
+            "sparse_eager_over_sparse_median":
+                latency["sparse_eager"]["median_ms"] / latency["sparse_gated"]["median_ms"],
         },
+        "scripted": {"sparse_gated": sparse.scripted, "plain_folded": folded_plain.scripted},
         "flops": flops,
         "active_fraction": float(dense_path.mean()),
         "accuracy": accuracy,
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
             "same_prediction":
                 float((logits["dense_gated"].argmax(1) == logits["sparse_gated"].argmax(1)).float().mean()),
             "identical_paths": float((dense_path == sparse_path).all(dim=1).float().mean()),
+            "compiled_equals_eager": bool(torch.equal(logits["sparse_gated"], logits["sparse_eager"])
+                                          and torch.equal(logits["plain_folded"], logits["folded_eager"])),
         },
     }
 
@@ -218,7 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sp['dense_over_sparse_mean']:.2f}x (mean)")
     print(f"speedup plain / sparse:       {sp['plain_over_sparse_median']:.2f}x (median), "
           f"{sp['plain_over_sparse_mean']:.2f}x (mean)")
-    print(f"speedup plain BN-folded / sparse (skipping alone): {sp['plain_folded_over_sparse_median']:.2f}x (median)")
+    print(f"speedup plain BN-folded / sparse (skipping alone): {sp['plain_folded_over_sparse_median']:.2f}x (median)"
+          f"{'' if sparse.scripted else '  [TorchScript unavailable: both ran as plain Python]'}")
+    print(f"  the same two run as plain Python:                {sp['folded_eager_over_sparse_eager_median']:.2f}x "
+          f"(median); compiling made the skipping net {sp['sparse_eager_over_sparse_median']:.2f}x faster")
     print(f"MACs: dense plain {flops['dense_backbone']:,}, dense gated {flops['dense_total']:,} "
           f"(ACMs {flops['dense_acm']:,}), executed mean {flops['executed_mean']:,.0f}")
     print(f"executed / dense: {flops['ratio_vs_plain']:.3f} of the plain network, "
@@ -229,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     ag = result["agreement"]
     print(f"dense vs sparse: max |logit diff| {ag['max_abs_logit_diff']:.2e}, same prediction "
           f"{ag['same_prediction']:.4f}, identical paths {ag['identical_paths']:.4f}")
+    print(f"compiled vs plain-Python core: logits bit for bit equal: {ag['compiled_equals_eager']}")
     if args.profile:
         result["profile_us_per_image"] = profile = {
             name: operator_times(runners[name], images) for name in ("sparse_gated", "plain_folded")}

@@ -40,7 +40,9 @@ The first convolution is ungated and always runs in full.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -256,11 +258,22 @@ class SparseGatedNet(nn.Module):
     which is computed without a convolution.  Inputs are pixels in [0, 1]
     (the model normalises internally; the normalisation is not folded into
     the first convolution because zero padding would then differ).
+
+    The per-image loop runs compiled by TorchScript (``compiled=True``;
+    "the per-image core" below: at batch 1 the interpreter costs as much as
+    a small layer's arithmetic); ``compiled=False`` runs the same function
+    as plain Python, with bit for bit the same results.
     """
 
-    def __init__(self, model: ConvNet) -> None:
+    @property
+    def scripted(self) -> bool | None:
+        """Whether the core runs compiled (None until its first use)."""
+        return self._core.scripted
+
+    def __init__(self, model: ConvNet, compiled: bool = True) -> None:
         super().__init__()
         self.arch = model.arch
+        self._core = _COMPILED if compiled else _EAGER
         self.register_buffer("mean", model.mean.detach().clone())
         self.register_buffer("std", model.std.detach().clone())
         self.pool_after = list(model.pool_after)
@@ -283,15 +296,16 @@ class SparseGatedNet(nn.Module):
         self.eval()
 
     def _collect(self) -> None:
-        """Per-layer tuples of the buffers (rebuilt after ``.to()``)."""
-        self._layers = []
-        for i, (gated, pool) in enumerate(zip(self.gated, self.pool_after)):
-            control = None
-            if gated:
-                control = tuple(getattr(self, f"acm{i}_{n}")
-                                for n in ("fc1_weight_t", "fc1_bias", "fc2_weight", "fc2_bias"))
-            acm_macs = 0 if control is None else control[0].numel() + control[2].numel()
-            self._layers.append((getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), control, pool, acm_macs))
+        """The per-layer lists that ``_trace_one`` takes (rebuilt after
+        ``.to()``, which replaces the buffers)."""
+        count = len(self.gated)
+        self._weights = [getattr(self, f"weight{i}") for i in range(count)]
+        self._biases = [getattr(self, f"bias{i}") for i in range(count)]
+        self._controls = [[getattr(self, f"acm{i}_{n}") for n in ("fc1_weight_t", "fc1_bias", "fc2_weight", "fc2_bias")]
+                          if gated else [] for i, gated in enumerate(self.gated)]
+        self._pools = [bool(p) for p in self.pool_after]
+        self._all_readings = [True] * count
+        self._no_readings = [False] * count
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -302,82 +316,14 @@ class SparseGatedNet(nn.Module):
     def trace_one(self, x: torch.Tensor, count: bool = False, blocks: bool = False) -> SparseTrace:
         """Run one image, (C, H, W) or (1, C, H, W); ``blocks=True`` also
         keeps every block's spatial mean and spread (``Trace.block_features``,
-        ``Trace.block_spreads``).
-
-        Written for few kernel launches, since at batch 1 each costs about
-        as much as the arithmetic of a small layer (``bench/bench_sparse.py``):
-        the ACM reads only the active input channels' rows of fc1 (the
-        switched-off ones are zeros in the dense model's pooled vector), a
-        weight is sliced by one gather over its (C_out * C_in) kernels, ReLU
-        runs in place and after the max-pool (they commute exactly), and the
-        gates are thresholded once at the end.
-        """
+        ``Trace.block_spreads``).  ``count=True`` fills ``SparseTrace.macs``."""
         if x.ndim == 3:
             x = x.unsqueeze(0)
         if x.ndim != 4 or x.shape[0] != 1:
             raise ValueError(f"SparseGatedNet runs one image at a time, got shape {tuple(x.shape)}")
-        h = (x - self.mean) / self.std
-        active = None  # indices of h's channels in the full layer width; None = all of them
-        n_active = h.shape[1]  # len(active), read from .shape: Tensor.__len__ is a Python call
-        gate_logits, actives, block_features, block_spreads = [], [], [], []
-        macs = 0
-        for w, b, control, pool, acm_macs in self._layers:
-            c_out = w.shape[0]
-            height, width = h.shape[2], h.shape[3]
-            if control is not None:
-                w1t, b1, w2, b2 = control
-                if active is None:
-                    hidden = torch.addmv(b1, w1t.t(), _spatial_mean(h))
-                elif n_active:
-                    hidden = torch.addmv(b1, w1t.index_select(0, active).t(), _spatial_mean(h))
-                else:
-                    hidden = b1.clone()  # an all-zero input: fc1 gives its bias
-                z = torch.addmv(b2, w2, hidden.relu_())
-                out_idx = torch.where(z > 0)[0]
-                gate_logits.append(z)
-                actives.append(out_idx)
-                if count:
-                    macs += acm_macs
-                rows = out_idx.shape[0]
-                if rows == c_out:
-                    out_idx = None  # everything on: no slicing needed
-                else:
-                    b = b.index_select(0, out_idx)
-            else:
-                out_idx, rows = None, c_out
-            relu_after_pool = pool and not blocks  # 4x fewer values; the block means need it before
-            if rows == 0:
-                # Every filter off: nothing to compute, an empty map.
-                h = h.new_zeros(1, 0, height, width)
-            elif n_active == 0:
-                # Zero input: the convolution reduces to its folded bias.
-                h = torch.relu(b).view(1, -1, 1, 1).expand(1, rows, height, width)
-            else:
-                w = _slice_filters(w, out_idx, active)
-                h = F.conv2d(h, w, b, padding=1)
-                if count:
-                    macs += height * width * w.shape[0] * w.shape[1] * KERNEL
-                if not relu_after_pool:
-                    h = h.relu_()
-            if blocks:
-                _append_readings(h, out_idx, c_out, block_features, block_spreads)
-            if pool:
-                if h.shape[1] == 0:
-                    h = h.new_zeros(1, 0, height // 2, width // 2)
-                else:
-                    h = max_pool_2x2(h)
-                    if relu_after_pool:
-                        h = h.relu_()
-            active, n_active = out_idx, rows
-        features = _spatial_mean(h)
-        head_weight = self.head_weight if active is None else self.head_weight.index_select(1, active)
-        logits = torch.addmv(self.head_bias, head_weight, features)
-        if count:
-            macs += head_weight.shape[0] * head_weight.shape[1]
-        features = _full_width(features, active, self.head_weight.shape[1])
-        gates = list(torch.cat(gate_logits).gt(0).to(x.dtype).split(self.gated_widths)) if gate_logits else []
-        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0, features, block_features,
-                           block_spreads)
+        logits, features, gate_logits, gates, actives, means, spreads, macs = self._core.trace_one(
+            x, *self._arguments(blocks))
+        return SparseTrace(logits, gates, gate_logits, actives, macs if count else 0, features, means, spreads)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -392,30 +338,69 @@ class SparseGatedNet(nn.Module):
 
     @property
     def gated_widths(self) -> list[int]:
-        return [layer[0].shape[0] for layer in self._layers if layer[2] is not None]
+        return [w.shape[0] for w, control in zip(self._weights, self._controls) if control]
+
+    def _arguments(self, blocks) -> tuple:
+        """The per-layer lists ``_trace_one`` takes after the image
+        (``blocks``: True, False or the indices of the blocks to read)."""
+        if blocks is True or blocks is False:
+            readings = self._all_readings if blocks else self._no_readings
+        else:
+            readings = self._readings(blocks)
+        return (self.mean, self.std, self._weights, self._biases, self._controls, self._pools, readings,
+                self.head_weight, self.head_bias, SPREAD_EPS)
+
+    def _readings(self, blocks) -> list[bool]:
+        wanted = {int(i) for i in blocks}
+        if not wanted <= set(range(len(self.gated))):
+            raise ValueError(f"blocks {sorted(wanted)}: the network has blocks 0..{len(self.gated) - 1}")
+        return [i in wanted for i in range(len(self.gated))]
 
     @torch.no_grad()
-    def observe(self, images: torch.Tensor, blocks: bool = False) -> PathBatch:
+    def observe(self, images: torch.Tensor, blocks=False) -> PathBatch:
         """``paths.observe`` computed image by image with the skipping
         forward: the same fields (full-width paths, gate logits, features,
         every block's features with ``blocks=True``), equal to the dense
         model's to float tolerance.  Each image is computed alone, by
         kernels whose shapes depend only on that image's own path, so its
-        row never depends on the other images of the batch."""
+        row never depends on the other images of the batch.
+
+        ``blocks`` may also name the blocks to read (a collection of
+        indices, what ``Detector.blocks_read`` gives): those are computed,
+        the others are (N, 0) placeholders, so the lists keep one entry per
+        block and reading an unread block fails on its shape.  Reading
+        fewer blocks changes no bit of what is read."""
         if images.ndim != 4 or len(images) == 0:
             raise ValueError(f"observe needs a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
-        traces = [self.trace_one(images[i:i + 1], blocks=blocks) for i in range(len(images))]
-        n, widths = len(traces), self.gated_widths
-        paths = torch.stack([t.path for t in traces]) if widths else torch.zeros(n, 0)
-        gate_logits = torch.stack([torch.cat(t.gate_logits) for t in traces]) if widths else torch.zeros(n, 0)
-        return PathBatch(
-            torch.stack([t.logits for t in traces]), paths, gate_logits, torch.stack([t.features for t in traces]),
-            widths,
-            blocks=[torch.stack(parts) for parts in zip(*(t.block_features for t in traces))] if blocks else [],
-            spreads=[torch.stack(parts) for parts in zip(*(t.block_spreads for t in traces))] if blocks else [])
+        arguments = self._arguments(blocks)
+        logits, paths, gate_logits, features, means, spreads = self._core.observe(images, *arguments)
+        readings = arguments[6]
+        if not isinstance(blocks, bool):  # named blocks: one entry per block, placeholders for the rest
+            read_means, read_spreads = iter(means), iter(spreads)
+            empty = images.new_zeros((len(images), 0))
+            means = [next(read_means) if read else empty for read in readings]
+            spreads = [next(read_spreads) if read else empty for read in readings]
+        return PathBatch(logits, paths, gate_logits, features, self.gated_widths, blocks=means, spreads=spreads)
 
 
-def _slice_filters(weight: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor | None) -> torch.Tensor:
+# ------------------------------------------- the per-image core, compiled
+#
+# At batch 1 the arithmetic of a small layer takes about as long as the
+# Python that launches it: in eager mode about 0.6 ms of a 2.3 ms image
+# went to the interpreter (``bench/bench_sparse.py --profile``), and that
+# overhead is paid by the skipping net and the BN-folded plain control
+# alike, so it hid most of what skipping saves.  The loop below is
+# therefore written in the subset of Python that TorchScript compiles
+# (typed lists, no closures over globals, constants inlined) and run
+# compiled.  TorchScript runs the same ATen kernels with the same
+# arguments, so the results are bit for bit those of the same function run
+# as plain Python (tests/test_acceleration.py checks this on real images);
+# no operator fusion is involved (CPU fusion is off in this torch build and
+# nothing here would fuse in a way that reorders a sum).
+
+
+def _slice_filters(weight: torch.Tensor, rows: Optional[torch.Tensor],
+                   columns: Optional[torch.Tensor]) -> torch.Tensor:
     """``weight[rows][:, columns]`` (None = all): the active filters'
     kernels of the active input channels.  With both, one gather over the
     (C_out * C_in) kernels: it copies only what the convolution reads,
@@ -423,9 +408,10 @@ def _slice_filters(weight: torch.Tensor, rows: torch.Tensor | None, columns: tor
     (0.65x the time on a 256 x 256 layer at half density, about the same
     on small ones)."""
     if rows is not None and columns is not None:
-        c_out, c_in, kh, kw = weight.shape
-        kernels = torch.add(columns, rows[:, None], alpha=c_in).view(-1)
-        return weight.view(c_out * c_in, kh, kw).index_select(0, kernels).view(rows.shape[0], columns.shape[0], kh, kw)
+        c_out, c_in, kh, kw = weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3]
+        kernels = torch.add(columns, rows.unsqueeze(1), alpha=c_in).view(-1)
+        return weight.view(c_out * c_in, kh, kw).index_select(0, kernels).view(
+            rows.shape[0], columns.shape[0], kh, kw)
     if rows is not None:
         return weight.index_select(0, rows)
     if columns is not None:
@@ -439,36 +425,205 @@ def _spatial_mean(h: torch.Tensor) -> torch.Tensor:
     return h.reshape(h.shape[1], h.shape[2] * h.shape[3]).mean(1)
 
 
-def _spatial_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _spatial_moments(h: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """((C,), (C,)): one image's (1, C, H, W) map's per-channel mean and
-    spread over space, as ``models.spatial_spread`` computes the spread;
-    C may be 0.  The spread from the centred squares, not ``var``: with
-    torch's CPU var kernel the whole per-image pass took 1.2x as long
-    (``bench/bench_spread.py``)."""
+    spread over space, as ``models.spatial_spread`` computes the spread
+    (``eps`` is ``models.SPREAD_EPS``, an argument because TorchScript
+    cannot read a global); C may be 0.  The spread from the centred
+    squares, not ``var``: with torch's CPU var kernel the whole per-image
+    pass took 1.2x as long (``bench/bench_spread.py``)."""
     flat = h.reshape(h.shape[1], h.shape[2] * h.shape[3])
     mean = flat.mean(1)
     centred = flat - mean.unsqueeze(1)
-    return mean, (centred.square().mean(1) + SPREAD_EPS).sqrt()
+    return mean, (centred.square().mean(1) + eps).sqrt()
 
 
-def _append_readings(h: torch.Tensor, index: torch.Tensor | None, width: int, means: list, spreads: list) -> None:
-    """Append one block's full-width spatial mean and spread (switched-off
-    filters: mean 0, spread sqrt(SPREAD_EPS), as in the dense model)."""
-    mean, spread = _spatial_moments(h)
-    means.append(_full_width(mean, index, width))
-    spreads.append(_full_width(spread, index, width, fill=SPREAD_EPS ** 0.5))
-
-
-def _full_width(values: torch.Tensor, index: torch.Tensor | None, width: int, fill: float = 0.0) -> torch.Tensor:
+def _full_width(values: torch.Tensor, index: Optional[torch.Tensor], width: int,
+                fill: float = 0.0) -> torch.Tensor:
     """``values`` of the channels ``index`` (None = all of them) scattered
     into a vector of ``width`` filled with ``fill``: what the dense gated
     model holds, whose switched-off channels are exactly zero (their mean
     0, their spread sqrt(SPREAD_EPS))."""
     if index is None:
         return values
-    full = values.new_full((width,), fill)
-    full[index] = values
-    return full
+    return values.new_full([width], fill).index_copy_(0, index, values)
+
+
+def _trace_one(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights: List[torch.Tensor],
+               biases: List[torch.Tensor], controls: List[List[torch.Tensor]], pools: List[bool],
+               readings: List[bool], head_weight: torch.Tensor, head_bias: torch.Tensor, spread_eps: float
+               ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor],
+                          List[torch.Tensor], List[torch.Tensor], int]:
+    """One (1, C, H, W) image through the skipping network (``SparseGatedNet``).
+
+    Per layer i: the folded ``weights[i]``/``biases[i]``; ``controls[i]`` the
+    ACM's [fc1 weight transposed, fc1 bias, fc2 weight, fc2 bias], or [] for
+    an ungated layer; ``pools[i]`` a 2x2 max-pool after it; ``readings[i]``
+    keep its spatial mean and spread (``spread_eps``: ``models.SPREAD_EPS``).  Returns the logits, the full-width
+    features, per gated layer the gate logits, the gates (0/1 in x's dtype)
+    and the active filters' indices, per read block its full-width mean and
+    spread, and the MACs launched (convolutions, ACMs, head).
+
+    Written for few kernel launches: the ACM reads only the active input
+    channels' rows of fc1 (the switched-off ones are zeros in the dense
+    model's pooled vector), a weight is sliced by one gather over its
+    (C_out * C_in) kernels, ReLU runs in place and after the max-pool (they
+    commute exactly) where the block is not read.
+    """
+    h = (x - mean) / std
+    active: Optional[torch.Tensor] = None  # indices of h's channels in the full width; None = all
+    n_active = h.shape[1]
+    gate_logits: List[torch.Tensor] = []
+    gates: List[torch.Tensor] = []
+    actives: List[torch.Tensor] = []
+    block_means: List[torch.Tensor] = []
+    block_spreads: List[torch.Tensor] = []
+    macs = 0
+    for i in range(len(weights)):
+        w = weights[i]
+        b = biases[i]
+        control = controls[i]
+        pool = pools[i]
+        c_out = w.shape[0]
+        height = h.shape[2]
+        width = h.shape[3]
+        out_idx: Optional[torch.Tensor] = None  # None = every filter on
+        rows = c_out
+        if len(control) > 0:
+            w1t = control[0]
+            if active is None:
+                hidden = torch.addmv(control[1], w1t.t(), _spatial_mean(h))
+            elif n_active > 0:
+                hidden = torch.addmv(control[1], w1t.index_select(0, active).t(), _spatial_mean(h))
+            else:
+                hidden = control[1].clone()  # an all-zero input: fc1 gives its bias
+            z = torch.addmv(control[3], control[2], hidden.relu_())
+            on = z > 0
+            idx = torch.nonzero(on).squeeze(1)
+            gate_logits.append(z)
+            gates.append(on.to(x.dtype))
+            actives.append(idx)
+            macs += w1t.numel() + control[2].numel()
+            rows = idx.shape[0]
+            if rows != c_out:
+                out_idx = idx
+                b = b.index_select(0, idx)
+        relu_after_pool = pool and not readings[i]  # 4x fewer values; the block readings need it before
+        if rows == 0:
+            # Every filter off: nothing to compute, an empty map.
+            h = h.new_zeros([1, 0, height, width])
+        elif n_active == 0:
+            # Zero input: the convolution reduces to its folded bias.
+            h = torch.relu(b).view(1, -1, 1, 1).expand(1, rows, height, width)
+        else:
+            w = _slice_filters(w, out_idx, active)
+            h = F.conv2d(h, w, b, 1, 1)
+            macs += height * width * w.shape[0] * w.shape[1] * 9
+            if not relu_after_pool:
+                h = h.relu_()
+        if readings[i]:
+            m, s = _spatial_moments(h, spread_eps)
+            block_means.append(_full_width(m, out_idx, c_out))
+            block_spreads.append(_full_width(s, out_idx, c_out, spread_eps ** 0.5))
+        if pool:
+            if h.shape[1] == 0:
+                h = h.new_zeros([1, 0, height // 2, width // 2])
+            else:
+                h = max_pool_2x2(h)
+                if relu_after_pool:
+                    h = h.relu_()
+        active = out_idx
+        n_active = rows
+    features = _spatial_mean(h)
+    if active is not None:
+        head_weight_active = head_weight.index_select(1, active)
+    else:
+        head_weight_active = head_weight
+    logits = torch.addmv(head_bias, head_weight_active, features)
+    macs += head_weight_active.shape[0] * head_weight_active.shape[1]
+    features = _full_width(features, active, head_weight.shape[1])
+    return logits, features, gate_logits, gates, actives, block_means, block_spreads, macs
+
+
+def _observe(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights: List[torch.Tensor],
+             biases: List[torch.Tensor], controls: List[List[torch.Tensor]], pools: List[bool],
+             readings: List[bool], head_weight: torch.Tensor, head_bias: torch.Tensor, spread_eps: float
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor],
+                        List[torch.Tensor]]:
+    """``_trace_one`` for each of (N, C, H, W) ``images``, stacked: logits,
+    paths, gate logits, features (N rows each) and per read block its means
+    and spreads (N, C_block).  A network with no gated layer has (N, 0)
+    paths and gate logits."""
+    logits: List[torch.Tensor] = []
+    paths: List[torch.Tensor] = []
+    gate_logits: List[torch.Tensor] = []
+    features: List[torch.Tensor] = []
+    means: List[List[torch.Tensor]] = []
+    spreads: List[List[torch.Tensor]] = []
+    n = images.shape[0]
+    gated = 0
+    for control in controls:
+        if len(control) > 0:
+            gated += 1
+    for i in range(n):
+        result = _trace_one(images[i:i + 1], mean, std, weights, biases, controls, pools, readings,
+                            head_weight, head_bias, spread_eps)
+        logits.append(result[0])
+        features.append(result[1])
+        if gated > 0:
+            gate_logits.append(torch.cat(result[2]))
+            paths.append(torch.cat(result[3]))
+        means.append(result[5])
+        spreads.append(result[6])
+    if gated > 0:
+        path_matrix = torch.stack(paths)
+        gate_matrix = torch.stack(gate_logits)
+    else:
+        path_matrix = torch.zeros([n, 0])
+        gate_matrix = torch.zeros([n, 0])
+    block_means = [torch.stack([row[j] for row in means]) for j in range(len(means[0]))]
+    block_spreads = [torch.stack([row[j] for row in spreads]) for j in range(len(spreads[0]))]
+    return torch.stack(logits), path_matrix, gate_matrix, torch.stack(features), block_means, block_spreads
+
+
+class _Core:
+    """``_trace_one`` and ``_observe``, compiled by TorchScript once, at
+    first use (about a second), or run as plain Python (``compile=False``,
+    or where TorchScript is not available: the same results, slower at
+    batch 1).  TorchScript is
+    deprecated in favour of torch.compile, which needs a C++ toolchain at run
+    time and recompiles for every new active-set size, so it does not fit a
+    per-image loop whose shapes follow each image's path; the project pins
+    its torch version, under which scripting works (``scripted`` says
+    whether it did)."""
+
+    def __init__(self, compile: bool) -> None:
+        self._compiled: tuple | None = None if compile else (_trace_one, _observe)
+        self.scripted: bool | None = None if compile else False
+
+    def _functions(self) -> tuple:
+        if self._compiled is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)  # the deprecation above, once
+                    self._compiled = (torch.jit.script(_trace_one), torch.jit.script(_observe))
+                self.scripted = True
+            except Exception as error:  # noqa: BLE001 - any failure to compile: run the same code eagerly
+                warnings.warn(f"TorchScript unavailable ({error}); the skipping engine runs as plain Python",
+                              RuntimeWarning, stacklevel=3)
+                self._compiled = (_trace_one, _observe)
+                self.scripted = False
+        return self._compiled
+
+    def trace_one(self, *args):
+        return self._functions()[0](*args)
+
+    def observe(self, *args):
+        return self._functions()[1](*args)
+
+
+_COMPILED = _Core(compile=True)  # shared: scripting runs once per process
+_EAGER = _Core(compile=False)
 
 
 # ------------------------------------------------ test / benchmark helper

@@ -118,6 +118,15 @@ class Detector:
         if "activations" in self.requires and not batch.activations:
             raise ValueError(f"{self.name} needs the activations: observe(..., activations=True)")
 
+    def blocks_read(self) -> frozenset[int] | None:
+        """The indices of the blocks whose features a fitted detector reads
+        (``PathBatch.blocks``/``spreads``), or None for every block (the
+        default for a detector that ``requires`` blocks: it may read any).
+        The skipping engine computes only these (``SparseGatedNet.observe``);
+        the others then hold (N, 0) placeholders, so a detector that read
+        one anyway would fail on the shape rather than score on zeros."""
+        return None if "blocks" in self.requires else frozenset()
+
     def observe(self, model, images: torch.Tensor, **kwargs) -> PathBatch:
         """``paths.observe`` of ``images``, keeping the optional parts this
         detector reads (``requires``: every block's features, activations)."""

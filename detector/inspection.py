@@ -176,6 +176,9 @@ class Inspector:
             # passes of `chunk` rows (padded with a black image's observation).
             self.sparse = SparseGatedNet(model)
             self.model = model
+            # the blocks whose readings the sparse pass computes: the detector's (True = every block)
+            read = detector.blocks_read() if "blocks" in detector.requires else frozenset()
+            self.blocks_read = True if read is None else read
         else:
             self.sparse = None
             # the matrix products on at least `chunk` rows in every pass (module docstring)
@@ -194,7 +197,9 @@ class Inspector:
         ``rows`` are padding: black images)."""
         if self.sparse is None:
             return self.detector.observe(self.model, images, batch_size=len(images))
-        blocks = "blocks" in self.detector.requires
+        # only the blocks the detector reads (Detector.blocks_read): each block read costs its spatial
+        # moments and keeps its ReLU before the max-pool (bench/bench_engines.py)
+        blocks = self.blocks_read
         batch = self.sparse.observe(images[:rows], blocks=blocks)
         if rows == len(images):
             return batch

@@ -390,6 +390,20 @@ class ChannelScore(PathScore):
                 cols.append(self.profile_.logit_distance(batch.gate_logits, pred))
         return torch.stack(cols, 1)
 
+    def blocks_read(self) -> frozenset[int] | None:
+        """The blocks the fitted channels name (``blockI``, ``spreadI``,
+        ``momentsI``); the ``gatesI`` views of ``layer_classes`` read the
+        gate logits, not blocks."""
+        if not self.is_fitted:
+            return None
+        read = set()
+        for spec in self.channels_:
+            for name in parse_channel(spec)[1]:
+                for prefix in _BLOCK_VIEWS:
+                    if name.startswith(prefix) and name[len(prefix):].isdigit():
+                        read.add(int(name[len(prefix):]))
+        return frozenset(read)
+
     def _log_proba(self, batch: PathBatch, name: str) -> torch.Tensor:
         model = self.classifiers_[name]
         z = layer_view(batch, name) @ model.coef.T + model.intercept

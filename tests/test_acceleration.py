@@ -302,3 +302,66 @@ def test_sparse_observe_of_a_plain_model_has_an_empty_path(fmnist_test):
     assert batch.paths.shape == (3, 0) and batch.gate_logits.shape == (3, 0) and batch.widths == []
     with pytest.raises(ValueError):
         SparseGatedNet(plain).observe(torch.zeros(0, 1, 28, 28))
+
+
+# ------------------------------------------------- the compiled per-image core
+
+def assert_compiled_equals_eager(model: ConvNet, images: torch.Tensor) -> None:
+    """The TorchScript-compiled core and the same function run as plain
+    Python give bit for bit the same answer, field by field."""
+    compiled, eager = SparseGatedNet(model), SparseGatedNet(model, compiled=False)
+    for blocks in (False, True):
+        got, want = compiled.observe(images, blocks=blocks), eager.observe(images, blocks=blocks)
+        for name in ("logits", "paths", "gate_logits", "features"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        assert len(got.blocks) == len(want.blocks) == (len(model.blocks) if blocks else 0)
+        for a, b in zip(got.blocks + got.spreads, want.blocks + want.spreads):
+            assert torch.equal(a, b)
+    for x in images[:4]:
+        a, b = compiled.trace_one(x, count=True, blocks=True), eager.trace_one(x, count=True, blocks=True)
+        assert a.macs == b.macs > 0
+        assert all(torch.equal(u, v) for u, v in zip(a.active, b.active))
+    # the compiled path really ran: a broken TorchScript would otherwise fall back unnoticed
+    assert compiled.scripted is True and eager.scripted is False
+
+
+def test_compiled_core_equals_plain_python_on_real_images(vgg_small, fmnist_test):
+    images = torch.cat([fmnist_test.images[:16], torch.zeros(1, 1, 28, 28), torch.ones(1, 1, 28, 28)])
+    assert_compiled_equals_eager(vgg_small, images)
+
+
+def test_compiled_core_equals_plain_python_with_a_layer_all_off():
+    arch = Architecture("tiny-pool", 1, 8, 3, (2, 3, "M", 4), mean=(0.5,), std=(0.5,))
+    model = ConvNet(arch, gated=True).eval()
+    force_gates(model, 1, [-1.0, -1.0, -1.0])  # an empty map, then a zero input
+    assert_compiled_equals_eager(model, torch.rand(3, 1, 8, 8))
+    plain = randomise_controls(ConvNet(TINY, gated=False), seed=5)
+    assert_compiled_equals_eager(plain, torch.rand(3, 1, 8, 8))
+
+
+def test_compiled_core_in_double_precision():
+    model = tiny_model(2).double()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    batch = SparseGatedNet(model).observe(x, blocks=True)
+    assert batch.logits.dtype == batch.paths.dtype == batch.blocks[0].dtype == torch.float64
+    with torch.no_grad():
+        assert torch.allclose(batch.logits, model(x), atol=1e-10)
+
+
+def test_observe_reads_only_the_named_blocks_and_changes_no_bit(vgg_small, fmnist_test):
+    images = fmnist_test.images[:12]
+    sparse = SparseGatedNet(vgg_small)
+    full = sparse.observe(images, blocks=True)
+    for named in ({0}, {1, len(vgg_small.blocks) - 1}, set()):
+        part = sparse.observe(images, blocks=named)
+        for name in ("logits", "paths", "gate_logits", "features"):
+            assert torch.equal(getattr(part, name), getattr(full, name)), name
+        assert len(part.blocks) == len(part.spreads) == len(vgg_small.blocks)  # one entry per block
+        for i in range(len(vgg_small.blocks)):
+            if i in named:
+                assert torch.equal(part.blocks[i], full.blocks[i]) and torch.equal(part.spreads[i], full.spreads[i])
+            else:  # a placeholder that no fitted statistic can be applied to
+                assert part.blocks[i].shape == part.spreads[i].shape == (len(images), 0)
+    with pytest.raises(ValueError, match="blocks"):
+        sparse.observe(images, blocks={len(vgg_small.blocks)})

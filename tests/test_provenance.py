@@ -350,3 +350,22 @@ def test_shared_classifier_fits_fit_each_classifier_once_and_change_nothing(monk
     fits.clear()
     make_detector(names[0]).fit(clean)
     assert len(fits) > 0
+
+
+def test_blocks_read_names_the_fitted_channels_blocks_and_unread_ones_fail_loudly(fitted):
+    # ALL_KINDS read block0 (value, agreement), block1 (evidence, knn) and block2 (knn)
+    assert fitted.blocks_read() == {0, 1, 2}
+    narrow = ChannelScore(channels=("value:moments0", "confidence", "path"), max_fit=400, reference_fraction=0.25)
+    assert narrow.blocks_read() is None  # not fitted: it may read any block
+    narrow.fit(synthetic(500, seed=0))
+    assert narrow.blocks_read() == {0}
+    assert ChannelScore(channels=("confidence", "path"), max_fit=400).fit(synthetic(500, seed=0)).blocks_read() == set()
+    # a batch whose unread blocks are (N, 0) placeholders scores as the full batch does ...
+    batch = synthetic(40, seed=3)
+    placeholders = PathBatch(batch.logits, batch.paths, batch.gate_logits, batch.features, batch.widths,
+                             blocks=[batch.blocks[0]] + [torch.zeros(40, 0)] * 2,
+                             spreads=[batch.spreads[0]] + [torch.zeros(40, 0)] * 2)
+    assert np.array_equal(narrow.score_samples(placeholders), narrow.score_samples(batch))
+    # ... and a detector that reads a placeholder fails instead of scoring zeros
+    with pytest.raises(RuntimeError):
+        fitted.score_samples(placeholders)

@@ -72,3 +72,14 @@ def test_the_engines_agree_to_float_tolerance(bundle):
     flips = [i for i, (a, b) in enumerate(zip(sparse["adversarial"], dense["adversarial"])) if a != b and not near[i]]
     assert flips == []
     assert sparse["scores"] != dense["scores"]  # really two engines' recordings
+
+
+def test_the_skipping_engine_reads_only_the_detectors_blocks_and_answers_the_same_bits():
+    path = ROOT / "bundles" / "fmnist-default"
+    lean, every = Inspector.load(path, engine="sparse"), Inspector.load(path, engine="sparse")
+    assert lean.blocks_read == {0}  # fusion-moments reads the first block's moments only
+    every.blocks_read = True
+    images = recorded_images()[::8]
+    for a, b in zip(lean.inspect(images), every.inspect(images)):
+        assert (a.score, a.predicted_class, a.confidence, a.layer_deviations, a.evidence) == \
+               (b.score, b.predicted_class, b.confidence, b.layer_deviations, b.evidence)
