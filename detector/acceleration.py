@@ -449,6 +449,49 @@ def _full_width(values: torch.Tensor, index: Optional[torch.Tensor], width: int,
     return values.new_full([width], fill).index_copy_(0, index, values)
 
 
+def _control_logits(h: torch.Tensor, active: Optional[torch.Tensor], n_active: int,
+                    control: List[torch.Tensor]) -> torch.Tensor:
+    """A gated layer's gate logits from its ACM (``control``: fc1 weight
+    transposed, fc1 bias, fc2 weight, fc2 bias) on the spatial mean of
+    ``h``, whose channels are the full width's ``active`` (None = all)."""
+    w1t = control[0]
+    if active is None:
+        hidden = torch.addmv(control[1], w1t.t(), _spatial_mean(h))
+    elif n_active > 0:
+        hidden = torch.addmv(control[1], w1t.index_select(0, active).t(), _spatial_mean(h))
+    else:
+        hidden = control[1].clone()  # an all-zero input: fc1 gives its bias
+    return torch.addmv(control[3], control[2], hidden.relu_())
+
+
+def _convolve(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out_idx: Optional[torch.Tensor],
+              active: Optional[torch.Tensor], rows: int, n_active: int, relu: bool) -> Tuple[torch.Tensor, int]:
+    """The 3x3 convolution of the active input channels by the active
+    filters (``b`` already sliced to them), ReLU'd in place when ``relu``,
+    and the MACs it launched."""
+    height = h.shape[2]
+    width = h.shape[3]
+    if rows == 0:
+        # Every filter off: nothing to compute, an empty map.
+        return h.new_zeros([1, 0, height, width]), 0
+    if n_active == 0:
+        # Zero input: the convolution reduces to its folded bias.
+        return torch.relu(b).view(1, -1, 1, 1).expand(1, rows, height, width), 0
+    w = _slice_filters(w, out_idx, active)
+    out = F.conv2d(h, w, b, 1, 1)
+    if relu:
+        out = out.relu_()
+    return out, height * width * w.shape[0] * w.shape[1] * 9
+
+
+def _pool_2x2(h: torch.Tensor, relu: bool) -> torch.Tensor:
+    """The 2x2 max-pool (then an in-place ReLU when ``relu``); an empty map stays empty."""
+    if h.shape[1] == 0:
+        return h.new_zeros([1, 0, h.shape[2] // 2, h.shape[3] // 2])
+    h = max_pool_2x2(h)
+    return h.relu_() if relu else h
+
+
 def _trace_one(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights: List[torch.Tensor],
                biases: List[torch.Tensor], controls: List[List[torch.Tensor]], pools: List[bool],
                readings: List[bool], head_weight: torch.Tensor, head_bias: torch.Tensor, spread_eps: float
@@ -485,53 +528,29 @@ def _trace_one(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, weights: 
         control = controls[i]
         pool = pools[i]
         c_out = w.shape[0]
-        height = h.shape[2]
-        width = h.shape[3]
         out_idx: Optional[torch.Tensor] = None  # None = every filter on
         rows = c_out
         if len(control) > 0:
-            w1t = control[0]
-            if active is None:
-                hidden = torch.addmv(control[1], w1t.t(), _spatial_mean(h))
-            elif n_active > 0:
-                hidden = torch.addmv(control[1], w1t.index_select(0, active).t(), _spatial_mean(h))
-            else:
-                hidden = control[1].clone()  # an all-zero input: fc1 gives its bias
-            z = torch.addmv(control[3], control[2], hidden.relu_())
+            z = _control_logits(h, active, n_active, control)
             on = z > 0
             idx = torch.nonzero(on).squeeze(1)
             gate_logits.append(z)
             gates.append(on.to(x.dtype))
             actives.append(idx)
-            macs += w1t.numel() + control[2].numel()
+            macs += control[0].numel() + control[2].numel()
             rows = idx.shape[0]
             if rows != c_out:
                 out_idx = idx
                 b = b.index_select(0, idx)
         relu_after_pool = pool and not readings[i]  # 4x fewer values; the block readings need it before
-        if rows == 0:
-            # Every filter off: nothing to compute, an empty map.
-            h = h.new_zeros([1, 0, height, width])
-        elif n_active == 0:
-            # Zero input: the convolution reduces to its folded bias.
-            h = torch.relu(b).view(1, -1, 1, 1).expand(1, rows, height, width)
-        else:
-            w = _slice_filters(w, out_idx, active)
-            h = F.conv2d(h, w, b, 1, 1)
-            macs += height * width * w.shape[0] * w.shape[1] * 9
-            if not relu_after_pool:
-                h = h.relu_()
+        h, conv_macs = _convolve(h, w, b, out_idx, active, rows, n_active, not relu_after_pool)
+        macs += conv_macs
         if readings[i]:
             m, s = _spatial_moments(h, spread_eps)
             block_means.append(_full_width(m, out_idx, c_out))
             block_spreads.append(_full_width(s, out_idx, c_out, spread_eps ** 0.5))
         if pool:
-            if h.shape[1] == 0:
-                h = h.new_zeros([1, 0, height // 2, width // 2])
-            else:
-                h = max_pool_2x2(h)
-                if relu_after_pool:
-                    h = h.relu_()
+            h = _pool_2x2(h, relu_after_pool)
         active = out_idx
         n_active = rows
     features = _spatial_mean(h)

@@ -251,17 +251,25 @@ def test_bench_spread_times_the_three_passes_and_the_two_spreads(tmp_path):
     assert "torch.var / two-pass spread" in proc.stdout
 
 
-def test_bench_sparse_times_the_four_nets_and_profiles_the_per_image_ones(tmp_path):
-    # the shipped bundle, 12 images: every latency, the ratios computed from them, the agreement
-    # checks, and --profile's operator table of both per-image nets
+def test_bench_sparse_times_the_six_nets_and_profiles_the_per_image_ones(tmp_path):
+    # the shipped bundle, 12 images: every latency (the two per-image nets compiled and as plain
+    # Python), the ratios computed from them, the agreement checks, and --profile's operator table
     out = tmp_path / "sparse.json"
     proc = run_script("bench_sparse.py", "--n", "12", "--warmup", "2", "--profile", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     latency = result["latency"]
-    assert set(latency) == {"plain", "dense_gated", "sparse_gated", "plain_folded"}
-    assert result["speedup"]["plain_folded_over_sparse_median"] == pytest.approx(
+    assert set(latency) == {"plain", "dense_gated", "sparse_gated", "plain_folded", "sparse_eager", "folded_eager"}
+    speedup = result["speedup"]
+    assert speedup["plain_folded_over_sparse_median"] == pytest.approx(
         latency["plain_folded"]["median_ms"] / latency["sparse_gated"]["median_ms"])
+    assert speedup["folded_eager_over_sparse_eager_median"] == pytest.approx(
+        latency["folded_eager"]["median_ms"] / latency["sparse_eager"]["median_ms"])
+    assert speedup["sparse_eager_over_sparse_median"] == pytest.approx(
+        latency["sparse_eager"]["median_ms"] / latency["sparse_gated"]["median_ms"])
+    # TorchScript is available in this torch build, and compiling changes no bit
+    assert result["scripted"] == {"sparse_gated": True, "plain_folded": True}
+    assert result["agreement"]["compiled_equals_eager"] is True
     assert result["agreement"]["identical_paths"] == 1.0 and result["agreement"]["same_prediction"] == 1.0
     assert result["agreement"]["max_abs_logit_diff"] < 1e-4
     assert 0 < result["flops"]["ratio_vs_plain"] < 1
