@@ -140,7 +140,7 @@ class AttackSet:
 
 
 @contextmanager
-def _inference_mode(model: nn.Module) -> Iterator[None]:
+def attack_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode (binary gates) and frozen weights for the duration.
 
     Freezing matters: torchattacks' CW and DeepFool call ``backward()``,
@@ -190,7 +190,7 @@ def generate_attack_set(
 
     adversarial, pred_orig, pred_adv = [], [], []
     start = time.perf_counter()
-    with _inference_mode(model), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+    with attack_mode(model), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
         attack = make_attack(model, attack_name, **config)
         bar = tqdm(total=len(images), desc=attack_name, unit="img", disable=not progress, leave=False)

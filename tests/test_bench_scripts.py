@@ -296,3 +296,45 @@ def test_bench_train_times_both_precisions_of_both_steps(tmp_path):
         assert kind["ratio_fp32_over_bf16"] == pytest.approx(median["fp32"] / median["bf16"])
     assert result["recipe_s"]["fp32"] > 0 and result["recipe_s"]["bf16"] > 0
     assert "fp32/bf16" in proc.stdout and "the default recipe's" in proc.stdout
+
+
+def test_bench_evaluation_floor_counts_the_protocols_passes_and_prices_them(tmp_path):
+    # the shipped bundle and the real data; tiny timed batches (only the prices shrink, not the counts)
+    out = tmp_path / "floor.json"
+    proc = run_script("bench_evaluation_floor.py", "--batch", "4", "--repeats", "1", "--cores", "2",
+                      "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    counts, sets = result["counts"], result["counts"]["sets"]
+    # the presets' step counts times the protocol's images: FGSM 1, BIM 10, PGD 40, CW 11 (first
+    # early-stop check) of 100, DeepFool one linearisation of at most 50
+    assert sets["fgsm"]["gradient_min"] == sets["fgsm"]["gradient_full"] == 2000
+    assert sets["bim"]["gradient_min"] == 20_000 and sets["pgd-low"]["gradient_full"] == 80_000
+    assert (sets["cw"]["gradient_min"], sets["cw"]["gradient_full"]) == (22_000, 200_000)
+    assert (sets["deepfool"]["deepfool_min"], sets["deepfool"]["deepfool_full"]) == (2000, 100_000)
+    assert sets["supervised:pgd"]["gradient_min"] == 40_000 and "supervised:cw" not in sets
+    # fgsm, bim, fgsm-low and bim-low of the same 2,000 images share one clean-image gradient; the
+    # supervised fgsm is the only one of its images
+    assert counts["shared_clean_gradients"] == 3 * 2000
+    assert counts["gradient_min"] == sum(row["gradient_min"] for row in sets.values()) - 6000 == 261_000
+    # 54,000 training + 10,000 test + 6,000 validation + 9 natural groups of 2,000
+    assert counts["forward_images"] == 88_000
+    s = result["seconds_per_image"]
+    assert all(v > 0 for v in s.values())
+    floor = 261_000 * s["gradient_step"] + 2000 * s["deepfool_linearisation"] + 88_000 * s["forward"]
+    assert result["floor_cpu_s"] == pytest.approx(floor)
+    assert result["floor_over_target"] == pytest.approx(floor / 2 / 600)
+    assert result["full_steps_cpu_s"] - floor == pytest.approx((200_000 - 22_000) * s["gradient_step"])
+    assert re.search(r"^floor: [\d,]+ CPU-s = [\d,]+ s on 2 core\(s\), [\d.]+x the 600 s target$", proc.stdout, re.M)
+
+
+def test_bench_evaluation_floor_refuses_attacks_outside_the_protocol():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_evaluation_floor", BENCH / "bench_evaluation_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.attack_passes("pgd", 3) == {"gradient_min": 120, "gradient_full": 120, "deepfool_min": 0,
+                                              "deepfool_full": 0}
+    with pytest.raises(ValueError, match="not one of the protocol's attacks"):
+        module.attack_passes("pgd-bpda", 3)   # its surrogate's passes cost something else
