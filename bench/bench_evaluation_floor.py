@@ -50,7 +50,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchattacks
-from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
@@ -58,6 +57,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from pathguard.attacks.deepfool import BatchedDeepFool  # noqa: E402
 from pathguard.attacks.generate import DEFAULT_BATCH_SIZE, attack_mode  # noqa: E402
 from pathguard.attacks.presets import PRESETS  # noqa: E402
+from pathguard.detector.acceleration import dense_flops  # noqa: E402
 from pathguard.detector.bundle import DEFAULT_BUNDLE, load_bundle  # noqa: E402
 from pathguard.detector.devices import usable_cpus  # noqa: E402
 from pathguard.detector.natural import natural_ood  # noqa: E402
@@ -116,28 +116,6 @@ def per_image_seconds(fn, images: int, repeats: int) -> float:
     return statistics.median(times) / images
 
 
-def forward_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of one dense forward pass per image (convolutions
-    and linear layers)."""
-    total = 0
-
-    def hook(module, inputs, output):
-        nonlocal total
-        if isinstance(module, nn.Conv2d):
-            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += output[0].numel() * k
-        elif isinstance(module, nn.Linear):
-            total += output[0].numel() * module.in_features
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return total
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
@@ -174,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "deepfool_linearisation": per_image_seconds(lambda: deepfool.differences(x, y), len(x), args.repeats),
             "forward": per_image_seconds(forward, len(x), args.repeats),
         }
-    macs = forward_macs(model, x)
+    macs = dense_flops(model, x.shape[1:])["total"]  # convolutions, gate modules, head
 
     def cpu_seconds(gradient: int, linearisations: int) -> float:
         return (gradient * seconds["gradient_step"] + linearisations * seconds["deepfool_linearisation"]
